@@ -1,0 +1,560 @@
+"""The PyAV + torch DataLoader reference loader.
+
+This is the plain CPU path that every fast loader (DALI on GPU/CPU, frame shards) is tested and
+benchmarked against, and the loader that runs wherever DALI cannot. It follows Frozen-in-Time's frame
+sampling rule so that checkpoints trained here evaluate like the released models, decodes with seeking
+so long clips cost only the GOPs that hold the sampled frames, and takes all randomness from
+(seed, epoch, index) so a sample is the same whatever the worker count and after a resume.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.io import ImageReadMode, read_file
+from torchvision.io import decode_image as tv_decode_image
+
+from data_dali.manifest import ManifestEntry, is_image
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ShardedEpochSampler",
+    "VideoDecodeError",
+    "VideoTextCollator",
+    "VideoTextDataset",
+    "augment_clip",
+    "build_reference_loader",
+    "decode_frames",
+    "decode_image",
+    "sample_frame_indices",
+    "sample_rng",
+    "set_loader_epoch",
+]
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Seek again only when the next wanted frame is further ahead than this; closer frames are cheaper to
+# reach by decoding forward than by seeking back to a keyframe (about 2 GOPs of a typical encode).
+SEEK_GAP_FRAMES = 32
+# Containers sometimes announce a frame or two more than they hold (duration-based counts, edit lists).
+# Wanted frames past the last real one, within this tolerance, take the last frame; beyond it the file
+# is treated as truncated.
+_COUNT_TOLERANCE = 2
+MAX_SUBSTITUTIONS = 20
+
+
+class VideoDecodeError(RuntimeError):
+    """A clip cannot give the frames asked for; the message names the file so it can be fixed or dropped."""
+
+
+def sample_frame_indices(
+    total: int, num: int, train: bool, rng: np.random.Generator | None = None
+) -> list[int]:
+    """Frozen-in-Time's rule: ``num`` equal segments; random frame in each (train), middle (eval).
+
+    With fewer frames than segments the indices repeat, still sorted, so short clips are usable.
+    """
+    if total <= 0:
+        raise ValueError(f"cannot sample frames from a clip with {total} frames")
+    if num <= 0:
+        raise ValueError(f"number of frames to sample must be positive, got {num}")
+    bounds = np.linspace(0, total, num + 1).astype(np.int64)
+    if train and rng is None:
+        rng = np.random.default_rng()
+    out = []
+    for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+        if hi <= lo:
+            idx = lo
+        elif train:
+            idx = int(rng.integers(lo, hi))
+        else:
+            idx = (lo + hi - 1) // 2
+        out.append(min(idx, total - 1))
+    return out
+
+
+class _SeekMissed(Exception):
+    """Seeking landed after the wanted frame (bad index); decode from the start instead."""
+
+
+class _NoTimestamps(Exception):
+    """Frames without pts cannot be placed after a seek; count them from the start instead."""
+
+
+def _frame_count(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> int:
+    """Frames in the stream from metadata: the exact count if stored, else duration x frame rate."""
+    if stream.frames:
+        return int(stream.frames)
+    rate = stream.average_rate or stream.guessed_rate
+    if not rate:
+        return 0
+    if stream.duration and stream.time_base:
+        return int(round(stream.duration * stream.time_base * rate))
+    if container.duration:
+        return int(round(Fraction(container.duration, av.time_base) * rate))
+    return 0
+
+
+def _rgb(frame: av.VideoFrame) -> np.ndarray:
+    return frame.to_ndarray(format="rgb24")
+
+
+def _decode_seeking(
+    container: av.container.InputContainer,
+    stream: av.video.stream.VideoStream,
+    wanted: list[int],
+    gap: int,
+) -> tuple[dict[int, np.ndarray], int, av.VideoFrame | None]:
+    """Decode the sorted, distinct ``wanted`` indices, seeking when the next one is far ahead.
+
+    Returns the frames found, the index of the last decoded frame and that frame (for the header
+    tolerance at end of file).
+    """
+    rate = stream.average_rate or stream.guessed_rate
+    time_base = stream.time_base
+    if not rate or not time_base:
+        raise _NoTimestamps
+    start = stream.start_time or 0
+
+    def index_of(frame: av.VideoFrame) -> int:
+        if frame.pts is None:
+            raise _NoTimestamps
+        return int(round((frame.pts - start) * time_base * rate))
+
+    def pts_of(index: int) -> int:
+        return start + int(Fraction(index) / rate / time_base)
+
+    got: dict[int, np.ndarray] = {}
+    frames: Iterator[av.VideoFrame] | None = None
+    last_idx, last_frame = -1, None
+    pos = 0
+    new_target, just_seeked = True, False
+    while pos < len(wanted):
+        target = wanted[pos]
+        if new_target and target - last_idx > gap:
+            container.seek(pts_of(target), backward=True, any_frame=False, stream=stream)
+            frames, just_seeked = container.decode(stream), True
+        elif frames is None:
+            frames = container.decode(stream)
+        new_target = False
+        frame = next(frames, None)
+        if frame is None:
+            break
+        idx = index_of(frame)
+        if just_seeked and idx > target:
+            raise _SeekMissed
+        just_seeked = False
+        last_idx, last_frame = idx, frame
+        if idx < target:
+            continue
+        rgb = _rgb(frame)
+        # A gap in timestamps (variable frame rate) gives the next frame that exists.
+        while pos < len(wanted) and wanted[pos] <= idx:
+            got[wanted[pos]] = rgb
+            pos += 1
+        new_target = True
+    return got, last_idx, last_frame
+
+
+def _decode_sequential(
+    container: av.container.InputContainer,
+    stream: av.video.stream.VideoStream,
+    wanted: list[int] | None,
+) -> tuple[dict[int, np.ndarray], int, av.VideoFrame | None]:
+    """Decode from the start counting frames: for streams without usable timestamps or index.
+
+    With ``wanted=None`` every frame is kept (the frame count is unknown until the end).
+    """
+    container.seek(0)
+    wanted_set = None if wanted is None else set(wanted)
+    last_wanted = None if wanted is None else max(wanted)
+    got: dict[int, np.ndarray] = {}
+    idx, last_frame = -1, None
+    for idx, frame in enumerate(container.decode(stream)):
+        last_frame = frame
+        if wanted_set is None or idx in wanted_set:
+            got[idx] = _rgb(frame)
+        if last_wanted is not None and idx >= last_wanted:
+            break
+    return got, idx, last_frame
+
+
+def decode_image(path: Path) -> torch.Tensor:
+    """Images enter the video pipeline as one-frame clips, uint8 [1, H, W, 3]."""
+    path = Path(path)
+    _check_file(path)
+    try:
+        chw = tv_decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        return chw.permute(1, 2, 0).unsqueeze(0).contiguous()
+    except (RuntimeError, ValueError):
+        pass  # formats torchvision's decoders lack (e.g. BMP) go through PIL
+    try:
+        with Image.open(path) as im:
+            rgb = np.asarray(im.convert("RGB"))
+    except Exception as e:  # PIL raises many unrelated types for a bad file
+        raise VideoDecodeError(f"cannot decode image {path}: {e}") from e
+    return torch.from_numpy(rgb.copy()).unsqueeze(0)
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise VideoDecodeError(f"{path} does not exist")
+    if not path.is_file():
+        raise VideoDecodeError(f"{path} is not a file")
+    if path.stat().st_size == 0:
+        raise VideoDecodeError(f"{path} is empty (0 bytes)")
+
+
+def decode_frames(
+    path: Path, num: int, train: bool, rng: np.random.Generator | None = None
+) -> torch.Tensor:
+    """Decode ``num`` frames chosen by :func:`sample_frame_indices` as uint8 [F, H, W, 3].
+
+    Images give one frame [1, H, W, 3]. Any failure raises :class:`VideoDecodeError` naming the file;
+    this never pads with black or repeated frames to hide a broken clip.
+    """
+    path = Path(path)
+    if is_image(path):
+        return decode_image(path)
+    _check_file(path)
+    try:
+        with av.open(str(path), mode="r") as container:
+            if not container.streams.video:
+                raise VideoDecodeError(f"{path} has no video stream")
+            stream = container.streams.video[0]
+            total = _frame_count(container, stream)
+            if total <= 0:
+                # No usable count: decode everything once and sample from what is there.
+                got, last_idx, _ = _decode_sequential(container, stream, None)
+                total = last_idx + 1
+                if total <= 0:
+                    raise VideoDecodeError(f"{path} has no decodable video frames")
+                targets = sample_frame_indices(total, num, train, rng)
+                return torch.from_numpy(np.stack([got[t] for t in targets]))
+            targets = sample_frame_indices(total, num, train, rng)
+            wanted = sorted(set(targets))
+            try:
+                got, last_idx, last_frame = _decode_seeking(container, stream, wanted, SEEK_GAP_FRAMES)
+            except (_SeekMissed, _NoTimestamps):
+                got, last_idx, last_frame = _decode_sequential(container, stream, wanted)
+            missing = [t for t in wanted if t not in got]
+            if missing:
+                if last_frame is None or last_idx < total - 1 - _COUNT_TOLERANCE:
+                    raise VideoDecodeError(
+                        f"{path} has fewer decodable frames than its header says: frame {missing[0]} "
+                        f"of {total} needed, decoding stopped after frame {max(last_idx, 0)} "
+                        "(truncated or corrupt file)"
+                    )
+                # The header overcounted by a frame or two; the last real frame stands in.
+                last_rgb = _rgb(last_frame)
+                for t in missing:
+                    got[t] = last_rgb
+    except VideoDecodeError:
+        raise
+    except (av.error.FFmpegError, OSError, ValueError, StopIteration, IndexError, KeyError) as e:
+        raise VideoDecodeError(f"cannot decode {path}: {e}") from e
+    shapes = {got[t].shape for t in targets}
+    if len(shapes) != 1:
+        raise VideoDecodeError(f"{path} changes frame size mid-stream ({sorted(shapes)})")
+    return torch.from_numpy(np.stack([got[t] for t in targets]))
+
+
+def _random_resized_crop_params(
+    height: int, width: int, rng: np.random.Generator, scale: tuple[float, float], ratio: tuple[float, float]
+) -> tuple[int, int, int, int]:
+    """Inception-style crop box (top, left, h, w) drawn from ``rng`` rather than torch's global RNG."""
+    area = height * width
+    log_ratio = (np.log(ratio[0]), np.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = float(np.exp(rng.uniform(log_ratio[0], log_ratio[1])))
+        w = int(round(np.sqrt(target_area * aspect)))
+        h = int(round(np.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    # Fallback: the largest centred box within the ratio range.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def augment_clip(
+    frames: torch.Tensor,
+    *,
+    size: int,
+    train: bool,
+    rng: np.random.Generator | None = None,
+    hflip: float = 0.5,
+    scale: tuple[float, float] = (0.5, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> torch.Tensor:
+    """uint8 [F, H, W, 3] -> normalized float32 [F, 3, size, size], one crop/flip for the whole clip.
+
+    Training: random resized crop + horizontal flip with probability ``hflip`` (0 when captions say
+    left/right). Evaluation: short side to ``size`` and a centre crop, deterministic.
+    """
+    x = frames.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+    if train:
+        if rng is None:
+            rng = np.random.default_rng()
+        top, left, h, w = _random_resized_crop_params(x.shape[-2], x.shape[-1], rng, scale, ratio)
+        x = TF.resized_crop(x, top, left, h, w, [size, size], antialias=True)
+        if rng.random() < hflip:  # always drawn, so hflip does not shift later draws
+            x = TF.horizontal_flip(x)
+    else:
+        x = TF.resize(x, [size], antialias=True)
+        x = TF.center_crop(x, [size, size])
+    return TF.normalize(x, list(IMAGENET_MEAN), list(IMAGENET_STD)).contiguous()
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The one source of randomness for a sample, so it does not depend on worker count or resume."""
+    return np.random.default_rng([seed, epoch, index])
+
+
+class VideoTextDataset(Dataset):
+    """Manifest entries -> augmented clips + captions, skipping (train) or flagging (eval) bad files."""
+
+    def __init__(
+        self,
+        entries: Sequence[ManifestEntry],
+        *,
+        num_frames: int,
+        size: int,
+        train: bool,
+        seed: int = 0,
+        hflip: float = 0.5,
+        substitute_bad: bool = True,
+    ) -> None:
+        if not entries:
+            raise ValueError("VideoTextDataset needs at least one manifest entry")
+        self.entries = list(entries)
+        self.num_frames = num_frames
+        self.size = size
+        self.train = train
+        self.seed = seed
+        self.hflip = hflip
+        self.substitute_bad = substitute_bad
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Training crops and frames change per epoch; must be set before workers start."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def load(self, index: int) -> torch.Tensor:
+        """Decoded and augmented clip of one entry; raises VideoDecodeError for a bad file."""
+        rng = sample_rng(self.seed, self.epoch, index)
+        frames = decode_frames(self.entries[index].video, self.num_frames, self.train, rng)
+        return augment_clip(frames, size=self.size, train=self.train, rng=rng, hflip=self.hflip)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        skipped: list[str] = []
+        tries = min(MAX_SUBSTITUTIONS, len(self.entries)) if self.substitute_bad else 1
+        for k in range(tries):
+            j = (i + k) % len(self.entries)
+            entry = self.entries[j]
+            try:
+                video = self.load(j)
+            except VideoDecodeError as e:
+                log.warning("skipping bad video: %s", e)
+                skipped.append(str(entry.video))
+                continue
+            return {"video": video, "caption": entry.caption, "index": j, "skipped": skipped}
+        if not self.substitute_bad:
+            return {"video": None, "caption": self.entries[i].caption, "index": i, "skipped": skipped}
+        raise RuntimeError(
+            f"{tries} consecutive manifest entries from index {i} failed to decode "
+            f"(first: {skipped[0]}); the data folder or manifest paths are probably wrong"
+        )
+
+
+class VideoTextCollator:
+    """Stacks clips and tokenizes captions in the worker, dropping items that failed in evaluation."""
+
+    def __init__(self, tokenizer: Any, max_length: int = 32) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        skipped = [p for item in items for p in item.get("skipped", [])]
+        good = [item for item in items if item["video"] is not None]
+        if not good:
+            # Every clip in the batch failed: the caller skips a batch whose video is None.
+            return {"video": None, "input_ids": None, "attention_mask": None,
+                    "index": torch.empty(0, dtype=torch.int64), "captions": [], "skipped": skipped}
+        videos = [item["video"] for item in good]
+        num_frames = max(v.shape[0] for v in videos)
+        if any(v.shape[0] not in (1, num_frames) for v in videos):
+            raise ValueError(f"cannot batch clips with {sorted({v.shape[0] for v in videos})} frames")
+        # Images (one frame) are tiled to the clip length so a batch can mix images and videos.
+        videos = [v.expand(num_frames, *v.shape[1:]) if v.shape[0] == 1 else v for v in videos]
+        captions = [item["caption"] for item in good]
+        tokens = self.tokenizer(
+            captions, padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return {
+            "video": torch.stack(videos),
+            "input_ids": tokens["input_ids"],
+            "attention_mask": tokens["attention_mask"],
+            "index": torch.tensor([item["index"] for item in good], dtype=torch.int64),
+            "captions": captions,
+            "skipped": skipped,
+        }
+
+
+class ShardedEpochSampler(Sampler[int]):
+    """Per-epoch permutation split across ranks, with an exact mid-epoch resume point.
+
+    Every rank gets the same number of indices (padded by repeating the start of the permutation, or
+    truncated with ``drop_last``), so collective ops stay in step.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = True,
+        batch_size: int = 1,
+    ) -> None:
+        if n <= 0:
+            raise ValueError(f"sampler needs a positive dataset size, got {n}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if drop_last and n < world_size:
+            raise ValueError(f"{n} samples cannot give every one of {world_size} ranks one with drop_last")
+        self.n = n
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.batch_size = batch_size
+        self.epoch = 0
+        self.start_batch = 0
+
+    @property
+    def per_rank(self) -> int:
+        """Indices each rank sees in a full epoch."""
+        if self.drop_last:
+            return self.n // self.world_size
+        return -(-self.n // self.world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """A new permutation per epoch, the same on every rank."""
+        self.epoch = epoch
+
+    def set_start_batch(self, k: int) -> None:
+        """Resume mid-epoch: the next iteration skips the first ``k`` batches of this rank."""
+        if k < 0:
+            raise ValueError(f"start batch must be >= 0, got {k}")
+        self.start_batch = k
+
+    def indices(self) -> list[int]:
+        """This rank's full list for the current epoch (before any resume skip)."""
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]))
+            perm = torch.randperm(self.n, generator=g).tolist()
+        else:
+            perm = list(range(self.n))
+        total = self.per_rank * self.world_size
+        if total <= self.n:
+            perm = perm[:total]
+        else:
+            reps = -(-total // self.n)
+            perm = (perm * reps)[:total]
+        return perm[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        skip = self.start_batch * self.batch_size
+        yield from self.indices()[skip:]
+        self.start_batch = 0  # the resume point applies to one epoch only
+
+    def __len__(self) -> int:
+        return max(0, self.per_rank - self.start_batch * self.batch_size)
+
+
+def _worker_init(_: int) -> None:
+    # Each worker decodes one clip at a time; torch's intra-op threads would only oversubscribe the CPU.
+    torch.set_num_threads(1)
+
+
+def build_reference_loader(
+    entries: Sequence[ManifestEntry],
+    tokenizer: Any,
+    *,
+    batch_size: int,
+    num_frames: int,
+    size: int,
+    train: bool,
+    seed: int = 0,
+    hflip: float = 0.5,
+    num_workers: int = 2,
+    rank: int = 0,
+    world_size: int = 1,
+    max_length: int = 32,
+) -> DataLoader:
+    """The reference loader: train shuffles, drops the last partial batch and substitutes bad clips;
+    eval keeps order and every sample, and reports bad clips instead of replacing them.
+
+    Call :func:`set_loader_epoch` before iterating each epoch.
+    """
+    dataset = VideoTextDataset(
+        entries, num_frames=num_frames, size=size, train=train, seed=seed, hflip=hflip,
+        substitute_bad=train,
+    )
+    sampler = ShardedEpochSampler(
+        len(dataset), rank=rank, world_size=world_size, shuffle=train, seed=seed, drop_last=train,
+        batch_size=batch_size,
+    )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=VideoTextCollator(tokenizer, max_length=max_length),
+        drop_last=train,
+        persistent_workers=False,  # workers are re-created per epoch, so they see the dataset's epoch
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+    )
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int, start_batch: int = 0) -> None:
+    """Set the epoch on sampler and dataset (and the resume batch) before creating the iterator."""
+    sampler = loader.sampler
+    if isinstance(sampler, ShardedEpochSampler):
+        sampler.set_epoch(epoch)
+        sampler.set_start_batch(start_batch)
+    elif start_batch:
+        raise ValueError("mid-epoch resume needs the loader from build_reference_loader")
+    dataset = loader.dataset
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)

@@ -1,0 +1,157 @@
+"""Retrieval (text-to-video, video-to-text) and zero-shot action recognition of a MILES model."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data_dali.manifest import ManifestEntry
+from data_dali.reference_loader import build_reference_loader
+from miles.config import Config
+from miles.metrics import chance_levels, retrieval_metrics, zeroshot_accuracy
+from miles.model import MilesModel
+
+log = logging.getLogger("miles")
+
+
+@dataclass
+class EvalSet:
+    """A manifest grouped by video: several captions may point at one video."""
+
+    videos: list[ManifestEntry]  # one entry per distinct video (its first caption and label)
+    captions: list[str]
+    caption_to_video: list[int]
+
+    @classmethod
+    def from_entries(cls, entries: list[ManifestEntry]) -> EvalSet:
+        index: dict[Path, int] = {}
+        videos: list[ManifestEntry] = []
+        captions: list[str] = []
+        owner: list[int] = []
+        for entry in entries:
+            if entry.video not in index:
+                index[entry.video] = len(videos)
+                videos.append(entry)
+            captions.append(entry.caption)
+            owner.append(index[entry.video])
+        return cls(videos, captions, owner)
+
+
+def read_classes(path: Path) -> list[str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"class list {path} does not exist; give one class name per line")
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not names:
+        raise ValueError(f"class list {path} is empty")
+    return names
+
+
+@torch.no_grad()
+def embed_texts(model: MilesModel, texts: list[str], device: torch.device, batch_size: int, max_length: int) -> torch.Tensor:
+    out = []
+    for start in range(0, len(texts), batch_size):
+        tokens = model.tokenizer(
+            texts[start : start + batch_size], padding="longest", truncation=True, max_length=max_length,
+            return_tensors="pt",
+        )
+        emb = model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+        out.append(F.normalize(emb.float(), dim=-1).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def embed_videos(
+    model: MilesModel, videos: list[ManifestEntry], cfg: Config, device: torch.device, progress: bool = True
+) -> tuple[torch.Tensor, list[int], list[str]]:
+    """(embeddings of the readable videos, their indices into `videos`, paths that could not be read)."""
+    loader = build_reference_loader(
+        videos,
+        model.tokenizer,
+        batch_size=cfg.eval.batch_size,
+        num_frames=cfg.data.num_frames,
+        size=cfg.data.size,
+        train=False,
+        seed=cfg.train.seed,
+        num_workers=cfg.data.num_workers,
+        max_length=cfg.data.max_text_length,
+    )
+    embeddings, kept, skipped = [], [], []
+    rng = torch.get_rng_state()  # evaluating must not shift the training RNG stream
+    for batch in tqdm(loader, desc="embed videos", unit="batch", disable=not progress, leave=False):
+        skipped.extend(batch["skipped"])
+        if batch["video"] is None:
+            continue
+        emb = model.encode_video(batch["video"].to(device))
+        embeddings.append(F.normalize(emb.float(), dim=-1).cpu())
+        kept.extend(batch["index"].tolist())
+    torch.set_rng_state(rng)
+    for path in skipped:
+        log.warning("skipped unreadable video %s (left out of the evaluation)", path)
+    if not embeddings:
+        raise RuntimeError("no video of the evaluation set could be read")
+    return torch.cat(embeddings), kept, skipped
+
+
+def evaluate(
+    model: MilesModel,
+    entries: list[ManifestEntry],
+    cfg: Config,
+    device: torch.device,
+    classes: list[str] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Retrieval metrics, and zero-shot accuracy when class names and labels are given."""
+    was_training = model.training
+    model.eval()
+    data = EvalSet.from_entries(entries)
+    video_emb, kept, skipped = embed_videos(model, data.videos, cfg, device, progress)
+    position = {v: i for i, v in enumerate(kept)}
+    caption_ids = [i for i, v in enumerate(data.caption_to_video) if v in position]
+    text_emb = embed_texts(
+        model, [data.captions[i] for i in caption_ids], device, cfg.eval.batch_size, cfg.data.max_text_length
+    )
+    sim = text_emb @ video_emb.T
+    result: dict[str, Any] = retrieval_metrics(sim, [position[data.caption_to_video[i]] for i in caption_ids])
+    result["num_videos"] = len(kept)
+    result["num_captions"] = len(caption_ids)
+    labelled = [data.videos[v].label for v in kept]
+    num_classes = None
+    if classes and all(label is not None for label in labelled):
+        unknown = sorted({label for label in labelled if label not in classes})
+        if unknown:
+            raise ValueError(f"labels {unknown[:5]} are not in the class list; check the classes file")
+        prompts = [cfg.eval.prompt.format(name) for name in classes]
+        class_emb = embed_texts(model, prompts, device, cfg.eval.batch_size, cfg.data.max_text_length)
+        result["zeroshot"] = zeroshot_accuracy(video_emb @ class_emb.T, [classes.index(x) for x in labelled])
+        num_classes = len(classes)
+    result["chance"] = chance_levels(len(kept), len(caption_ids), num_classes)
+    result["skipped_videos"] = len(skipped)
+    result["skipped_paths"] = skipped
+    model.train(was_training)
+    return result
+
+
+def format_table(columns: dict[str, dict[str, Any]]) -> str:
+    """Side-by-side table of metric dicts (e.g. untrained / trained / chance)."""
+    rows: list[tuple[str, list[str]]] = []
+    keys = [("t2v", k) for k in ("R1", "R5", "R10", "MedR", "MeanR")]
+    keys += [("v2t", k) for k in ("R1", "R5", "R10", "MedR", "MeanR")]
+    keys += [("zeroshot", k) for k in ("top1", "top5")]
+    for group, key in keys:
+        cells = []
+        for metrics in columns.values():
+            value = metrics.get(group, {}).get(key) if isinstance(metrics.get(group), dict) else None
+            cells.append("-" if value is None else f"{value:.1f}")
+        if any(c != "-" for c in cells):
+            rows.append((f"{group} {key}", cells))
+    width = max(len(name) for name, _ in rows) if rows else 10
+    header = " " * width + " | " + " | ".join(f"{name:>9}" for name in columns)
+    lines = [header, "-" * len(header)]
+    lines += [f"{name:<{width}} | " + " | ".join(f"{c:>9}" for c in cells) for name, cells in rows]
+    return "\n".join(lines)

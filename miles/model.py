@@ -1,0 +1,108 @@
+"""The MILES dual encoder and its pre-training objective.
+
+Module names follow the released model (`video_model`, `text_model`, `vid_proj`, `txt_proj`) so that
+released checkpoints map onto ours key for key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+import kernels
+from miles.config import Config
+from miles.losses import NormSoftmaxLoss, masked_feature_loss
+from miles.predictor import MaskedFeaturePredictor
+from miles.text_encoder import build_text_encoder, text_cls
+from miles.video_encoder import SpaceTimeTransformer
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    contrastive: torch.Tensor
+    mvm: torch.Tensor
+
+
+class MilesModel(nn.Module):
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        m, v = cfg.model, cfg.mvm
+        self.video_model = SpaceTimeTransformer(
+            img_size=m.img_size,
+            patch_size=m.patch_size,
+            embed_dim=m.embed_dim,
+            depth=m.depth,
+            num_heads=m.num_heads,
+            mlp_ratio=m.mlp_ratio,
+            num_frames=m.num_frames,
+            drop_path_rate=m.drop_path,
+            time_init=m.time_init,
+            attention=m.attention,
+        )
+        self.text_model, self.tokenizer, text_dim = build_text_encoder(m.text_model)
+        self.txt_proj = nn.Sequential(nn.ReLU(), nn.Linear(text_dim, m.projection_dim))
+        self.vid_proj = nn.Sequential(nn.Linear(m.embed_dim, m.projection_dim))
+        self.predictor = (
+            MaskedFeaturePredictor(
+                m.embed_dim,
+                v.predictor_dim,
+                v.predictor_depth,
+                v.predictor_heads,
+                self.video_model.patches_per_frame,
+                m.num_frames,
+                target_dim=m.embed_dim,
+                attention=m.attention,
+            )
+            if v.enabled
+            else None
+        )
+        self.contrastive = NormSoftmaxLoss(cfg.train.temperature)
+        self.mvm_cfg = v
+
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        """Projected clip embedding (not normalised), [B, projection_dim]."""
+        return self.vid_proj(self.video_model(video))
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.txt_proj(text_cls(self.text_model, input_ids, attention_mask))
+
+    def forward(
+        self,
+        video: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+    ) -> StepOutput:
+        """One pre-training step's losses.
+
+        `mask` [B, N] hides tubes (`bert` mode: mask token at hidden patches, full grid through the
+        encoder); the contrastive loss uses the CLS of that same masked pass, so MVM costs no extra
+        encoder pass. `targets` are the snapshot encoder's features of the unmasked video, [B, F, N, D].
+        """
+        features = self.video_model.forward_features(video, mask)
+        contrastive = self.contrastive(self.vid_proj(features.cls), self.encode_text(input_ids, attention_mask))
+        mvm = contrastive.new_zeros(())
+        if self.predictor is not None and mask is not None and targets is not None and bool(mask.any()):
+            b, n = mask.shape
+            everything = torch.arange(n, device=mask.device).expand(b, n)
+            pred = self.predictor(features, everything)  # [B, F, N, D]
+            hidden = kernels.hidden_indices(mask)  # [B, M]
+            pred_h = _gather_positions(pred, hidden)
+            target_h = _gather_positions(targets, hidden)
+            mvm = masked_feature_loss(
+                pred_h, target_h, kind=self.mvm_cfg.loss, normalize_target=self.mvm_cfg.normalize_target
+            )
+        loss = contrastive + self.mvm_cfg.weight * mvm
+        return StepOutput(loss=loss, contrastive=contrastive.detach(), mvm=mvm.detach())
+
+
+def _gather_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x [B, F, N, C] at positions [B, M] of every frame -> [B, F*M, C]."""
+    b, f, _, c = x.shape
+    idx = positions[:, None, :, None].expand(b, f, positions.shape[1], c)
+    return torch.gather(x, 2, idx).flatten(1, 2)
+

@@ -1,0 +1,158 @@
+"""`miles pretrain`: data (the demo set is generated if missing), pre-training, evaluation, metrics.json."""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data_dali.demo import write_demo_dataset
+from data_dali.manifest import read_manifest
+from miles import checkpoint as ckpt
+from miles.config import Config, ConfigError, check_data_files
+from miles.distributed import barrier, init_distributed
+from miles.evaluate import evaluate, format_table, read_classes
+from miles.model import MilesModel
+from miles.train import Trainer, seed_everything, write_config
+
+log = logging.getLogger("miles")
+
+
+def ensure_data(cfg: Config, main: bool) -> None:
+    d = cfg.data
+    missing = [p for p in (d.train_manifest, d.val_manifest) if not Path(p).is_file()]
+    if missing and d.generate_demo:
+        if main:
+            log.info("generating the demo data set in %s", d.root)
+            write_demo_dataset(Path(d.root), n_train=d.demo_train, n_val=d.demo_val, seed=0)
+        barrier()
+    check_data_files(cfg)
+    for p in (d.train_manifest, d.val_manifest):
+        if not Path(p).is_file():
+            raise ConfigError(f"manifest {p} is still missing after demo generation; check data.root")
+
+
+def _read(cfg: Config, path: str) -> list:
+    d = cfg.data
+    return read_manifest(Path(path), video_column=d.video_column, caption_column=d.caption_column,
+                         label_column=d.label_column)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def run_pretraining(cfg: Config, out_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """The whole job; returns what it writes to `out_dir/metrics.json` (rank 0)."""
+    dist = init_distributed()
+    main = dist.rank == 0
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    started = time.perf_counter()
+    ensure_data(cfg, main)
+    train_entries = _read(cfg, cfg.data.train_manifest)
+    val_entries = _read(cfg, cfg.data.val_manifest)
+    classes = read_classes(Path(cfg.data.classes)) if cfg.data.classes and Path(cfg.data.classes).is_file() else None
+    if main:
+        write_config(cfg, out_dir)
+        log.info("preset %s | masking mode %s, ratio %.2f | %d train / %d val rows | %d process(es) on %s",
+                 cfg.preset, cfg.mvm.mode, cfg.mvm.mask_ratio, len(train_entries), len(val_entries),
+                 dist.world_size, dist.device)
+    seed_everything(cfg.train.seed)
+    model = MilesModel(cfg)
+    trainer = Trainer(cfg, train_entries, out_dir, dist, model=model)
+    latest = ckpt.latest_checkpoint(trainer.ckpt_dir) if resume else None
+    if resume and latest is None:
+        log.warning("--resume: no checkpoint in %s, starting from scratch", trainer.ckpt_dir)
+    untrained = None
+    metrics_path = out_dir / "metrics.json"
+    if latest is not None:
+        trainer.resume(latest)
+        if metrics_path.is_file():
+            untrained = json.loads(metrics_path.read_text()).get("untrained")
+    elif cfg.eval.before_training and main:
+        untrained = evaluate(trainer.model, val_entries, cfg, dist.device, classes)
+        _write_json(metrics_path, {"untrained": untrained})
+    barrier()
+    summary = trainer.fit()
+    result: dict[str, Any] = {}
+    if main:
+        trained = evaluate(trainer.model, val_entries, cfg, dist.device, classes)
+        result = {
+            "t2v": trained["t2v"],
+            "v2t": trained["v2t"],
+            "zeroshot": trained.get("zeroshot"),
+            "chance": trained["chance"],
+            "untrained": untrained,
+            "skipped_videos": len(summary["skipped_videos"]) + trained["skipped_videos"],
+            "skipped_paths": summary["skipped_videos"] + trained["skipped_paths"],
+            "preset": cfg.preset,
+            "mvm_mode": cfg.mvm.mode,
+            "attention": cfg.model.attention,
+            "steps": summary["steps"],
+            "train_seconds": summary["train_seconds"],
+            "train_clips_per_s": summary["clips_per_s"],
+            "wall_seconds": time.perf_counter() - started,
+            "peak_memory_mb": peak_memory_mb(dist.device),
+            "world_size": dist.world_size,
+            "device": str(dist.device),
+        }
+        _write_json(metrics_path, result)
+        chance = trained["chance"]
+        columns = {"chance": {"t2v": {"R1": chance["R1"]}, "v2t": {"R1": chance["R1"]},
+                              "zeroshot": {"top1": chance.get("top1")}}}
+        if untrained:
+            columns["untrained"] = untrained
+        columns["trained"] = trained
+        print(f"\nretrieval on {cfg.data.val_manifest} ({trained['num_videos']} videos, "
+              f"{trained['num_captions']} captions; R@K in %):")
+        print(format_table(columns))
+        print(f"skipped videos: {result['skipped_videos']} | train {summary['clips_per_s']:.1f} clips/s | "
+              f"wall {result['wall_seconds']:.0f} s | metrics: {metrics_path}")
+    barrier()
+    return result
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def run_eval(checkpoint: Path, manifest: Path, out: Path | None, classes_path: Path | None,
+             overrides: list[str] | None = None) -> dict[str, Any]:
+    """`miles eval`: a trained checkpoint on any manifest."""
+    from miles.config import config_from_dict, parse_override
+
+    state = ckpt.load(checkpoint)
+    if "config" not in state or "model" not in state:
+        raise RuntimeError(f"{checkpoint} is not a MILES checkpoint (no 'config'/'model' entries)")
+    data = state["config"]
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    cfg = config_from_dict(data)
+    dist = init_distributed()
+    model = MilesModel(cfg).to(dist.device)
+    model.load_state_dict(state["model"])
+    entries = read_manifest(manifest, video_column=cfg.data.video_column, caption_column=cfg.data.caption_column,
+                            label_column=cfg.data.label_column)
+    classes = read_classes(classes_path) if classes_path else None
+    result = evaluate(model, entries, cfg, dist.device, classes)
+    chance = result["chance"]
+    print(format_table({"chance": {"t2v": {"R1": chance["R1"]}, "v2t": {"R1": chance["R1"]},
+                                   "zeroshot": {"top1": chance.get("top1")}}, "model": result}))
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(out, result)
+    return result

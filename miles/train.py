@@ -1,0 +1,350 @@
+"""The pre-training loop: data, MILES objective, AdamW with warm-up + cosine, DDP, checkpoints, resume.
+
+Resume is exact on the CPU: the checkpoint holds the model, snapshot, optimizer, scheduler, every RNG
+state and the data position (epoch, batches consumed); data augmentation and masking are pure functions
+of (seed, epoch / step, index), so the resumed run sees the same batches and masks and produces the
+same losses as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import kernels
+from data_dali.manifest import ManifestEntry
+from data_dali.reference_loader import build_reference_loader, set_loader_epoch
+from miles import checkpoint as ckpt
+from miles.config import Config
+from miles.distributed import DistInfo, all_reduce_mean, barrier
+from miles.model import MilesModel
+from miles.snapshot import SnapshotEncoder
+
+log = logging.getLogger("miles")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine decay to `min_ratio` at `total` steps."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(model: MilesModel, cfg: Config) -> list[dict[str, Any]]:
+    """Text tower at its own (lower) rate; no weight decay on norms, biases and embeddings."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_text = name.startswith("text_model.")
+        no_decay = param.ndim <= 1 or name.endswith(("cls_token", "pos_embed", "temporal_embed", "mask_token"))
+        groups.setdefault((is_text, no_decay), []).append(param)
+    out = []
+    for (is_text, no_decay), params in sorted(groups.items()):
+        lr = cfg.train.text_lr if is_text else cfg.train.lr
+        out.append({"params": params, "lr": lr, "base_lr": lr, "weight_decay": 0.0 if no_decay else cfg.train.weight_decay})
+    return out
+
+
+@dataclass
+class DataPosition:
+    epoch: int = 0
+    batches: int = 0  # batches of this epoch already consumed
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    position: DataPosition = field(default_factory=DataPosition)
+    skipped: set[str] = field(default_factory=set)
+
+
+class BatchStream:
+    """Endless batches over epochs from a loader whose sampler supports `set_start_batch` for resume."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader, position: DataPosition) -> None:
+        self.loader = loader
+        self.position = position
+        self._iter: Iterator | None = None
+
+    def _start_epoch(self) -> None:
+        set_loader_epoch(self.loader, self.position.epoch, start_batch=self.position.batches)
+        rng = torch.get_rng_state()  # DataLoader draws its worker seed from the global RNG: keep it out
+        self._iter = iter(self.loader)
+        torch.set_rng_state(rng)
+
+    def next(self) -> dict[str, Any]:
+        while True:
+            if self._iter is None:
+                self._start_epoch()
+            try:
+                batch = next(self._iter)  # type: ignore[arg-type]
+            except StopIteration:
+                self._iter = None
+                self.position.epoch += 1
+                self.position.batches = 0
+                continue
+            self.position.batches += 1
+            return batch
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: Config,
+        train_entries: list[ManifestEntry],
+        out_dir: Path,
+        dist: DistInfo,
+        model: MilesModel | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.out_dir = out_dir
+        self.dist = dist
+        self.device = dist.device
+        seed_everything(cfg.train.seed + dist.rank)
+        self.model = (model or MilesModel(cfg)).to(self.device)
+        self.snapshot = (
+            SnapshotEncoder(self.model.video_model, cfg.mvm.snapshot, cfg.mvm.ema_momentum, cfg.mvm.copy_every).to(
+                self.device
+            )
+            if cfg.mvm.enabled
+            else None
+        )
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), betas=(0.9, 0.98), eps=1e-8)
+        t = cfg.train
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+        )
+        self.ddp: nn.Module = self.model
+        if dist.world_size > 1:
+            self.ddp = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self.loader = build_reference_loader(
+            train_entries,
+            self.model.tokenizer,
+            batch_size=t.batch_size,
+            num_frames=cfg.data.num_frames,
+            size=cfg.data.size,
+            train=True,
+            seed=t.seed,
+            hflip=cfg.data.hflip,
+            num_workers=cfg.data.num_workers,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            max_length=cfg.data.max_text_length,
+        )
+        self.state = RunState()
+        self.ckpt_dir = out_dir / "checkpoints"
+        self.log_path = out_dir / "log.jsonl"
+
+    # ----------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.cfg.to_dict(),
+            "step": self.state.step,
+            "model": self.model.state_dict(),
+            "snapshot": self.snapshot.state_dict() if self.snapshot else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "data_position": {"epoch": self.state.position.epoch, "batches": self.state.position.batches},
+            "skipped_videos": sorted(self.state.skipped),
+            "rng": _rng_state(),
+            "world_size": self.dist.world_size,
+        }
+
+    def save(self) -> Path:
+        path = ckpt.checkpoint_path(self.ckpt_dir, self.state.step)
+        state = self.state_dict()  # every rank's RNG would differ; rank 0's is the one kept (see resume)
+        if self.dist.rank == 0:
+            ckpt.save_atomic(state, path)
+            ckpt.prune(self.ckpt_dir, self.cfg.train.keep_checkpoints)
+        barrier()
+        return path
+
+    def resume(self, path: Path) -> None:
+        state = ckpt.load(path)
+        if state.get("world_size", 1) != self.dist.world_size:
+            raise RuntimeError(
+                f"checkpoint {path} was written by {state.get('world_size')} processes, this run has "
+                f"{self.dist.world_size}; the data position would not carry over exactly"
+            )
+        self.model.load_state_dict(state["model"])
+        if self.snapshot is not None and state["snapshot"] is not None:
+            self.snapshot.load_state_dict(state["snapshot"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.state.step = state["step"]
+        self.state.position = DataPosition(**state["data_position"])
+        self.state.skipped = set(state.get("skipped_videos", []))
+        if self.dist.world_size == 1:
+            _set_rng_state(state["rng"])
+        else:  # each rank continues from its own, reproducible, stream
+            seed_everything(self.cfg.train.seed + self.dist.rank + 7919 * self.state.step)
+        if self.dist.rank == 0:
+            _truncate_log(self.log_path, self.state.step)
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.state.step,
+                 self.state.position.epoch, self.state.position.batches)
+
+    # ------------------------------------------------------------------------------------------ step
+    def _micro_step(self, batch: dict[str, Any], micro_index: int) -> tuple[float, float, float]:
+        cfg = self.cfg
+        video = batch["video"].to(self.device, non_blocking=True)
+        input_ids = batch["input_ids"].to(self.device, non_blocking=True)
+        attention_mask = batch["attention_mask"].to(self.device, non_blocking=True)
+        mask = targets = None
+        with autocast_context(self.device, cfg.train.precision):
+            if self.snapshot is not None and cfg.mvm.mask_ratio > 0:
+                mask, _ = kernels.tube_mask(
+                    video.shape[0],
+                    self.model.video_model.grid_size,
+                    cfg.mvm.mask_ratio,
+                    seed=cfg.train.seed ^ (self.dist.rank << 20),
+                    step=micro_index,
+                    device=self.device,
+                    min_area=cfg.mvm.block_min_area,
+                )
+                targets = self.snapshot.targets(video)
+            out = self.ddp(video, input_ids, attention_mask, mask, targets)
+        (out.loss / cfg.train.grad_accum).backward()
+        return float(out.loss.detach()), float(out.contrastive), float(out.mvm)
+
+    def train_step(self, stream: BatchStream) -> dict[str, float]:
+        cfg = self.cfg
+        self.ddp.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = np.zeros(3)
+        clips = 0
+        for micro in range(cfg.train.grad_accum):
+            batch = stream.next()
+            for path in batch.get("skipped", []):
+                if path not in self.state.skipped:
+                    self.state.skipped.add(path)
+                    log.warning("skipped unreadable video %s (replaced by another clip)", path)
+            sync = micro == cfg.train.grad_accum - 1 or not isinstance(self.ddp, DistributedDataParallel)
+            context = contextlib.nullcontext() if sync else self.ddp.no_sync()
+            with context:
+                losses += self._micro_step(batch, self.state.step * cfg.train.grad_accum + micro)
+            clips += batch["video"].shape[0]
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.state.step += 1
+        if self.snapshot is not None:
+            self.snapshot.update(self.model.video_model, self.state.step)
+        losses /= cfg.train.grad_accum
+        return {
+            "loss": all_reduce_mean(losses[0]),
+            "contrastive": all_reduce_mean(losses[1]),
+            "mvm": all_reduce_mean(losses[2]),
+            "grad_norm": float(grad_norm),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "clips": clips * self.dist.world_size,
+        }
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        t = cfg.train
+        stream = BatchStream(self.loader, self.state.position)
+        main = self.dist.rank == 0
+        bar = tqdm(total=t.max_steps, initial=self.state.step, disable=not main, desc="pretrain", unit="step",
+                   dynamic_ncols=True)
+        log_file = open(self.log_path, "a") if main else None
+        started = time.perf_counter()
+        clips_done = 0
+        last: dict[str, float] = {}
+        try:
+            while self.state.step < t.max_steps:
+                tick = time.perf_counter()
+                last = self.train_step(stream)
+                elapsed = time.perf_counter() - tick
+                clips_done += int(last["clips"])
+                last["clips_per_s"] = last["clips"] / max(elapsed, 1e-9)
+                if main:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", mvm=f"{last['mvm']:.3f}",
+                                    clips_s=f"{last['clips_per_s']:.1f}")
+                    if self.state.step % t.log_every == 0 or self.state.step == t.max_steps:
+                        record = {"step": self.state.step, "epoch": self.state.position.epoch, **last}
+                        log_file.write(json.dumps(record) + "\n")  # type: ignore[union-attr]
+                        log_file.flush()  # type: ignore[union-attr]
+                if self.state.step % t.checkpoint_every == 0 or self.state.step == t.max_steps:
+                    self.save()
+                if t.crash_at_step and self.state.step == t.crash_at_step:
+                    if log_file is not None:
+                        log_file.close()
+                    os.kill(os.getpid(), signal.SIGKILL)
+        finally:
+            bar.close()
+            if log_file is not None:
+                log_file.close()
+        wall = time.perf_counter() - started
+        return {
+            "steps": self.state.step,
+            "train_seconds": wall,
+            "clips_per_s": clips_done / max(wall, 1e-9),
+            "final": last,
+            "skipped_videos": sorted(self.state.skipped),
+        }
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (the killed run got further)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def write_config(cfg: Config, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "config.yaml", "w") as fh:
+        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)

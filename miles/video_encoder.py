@@ -1,0 +1,146 @@
+"""The Frozen-in-Time `SpaceTimeTransformer`, the video encoder of MILES.
+
+Parameter names follow the released model (`patch_embed.proj`, `cls_token`, `pos_embed` with the CLS slot
+first, `temporal_embed`, `blocks.i.{norm1,attn,timeattn,norm3,norm2,mlp}`, `norm`) so that released
+checkpoints load with a small key map, and a timm ViT's weights load into the spatial part directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
+
+from miles.attention import DividedAttention
+
+
+class SpaceTimeBlock(nn.Module):
+    """Temporal attention, then spatial attention, then MLP, in the released residual form.
+
+    The spatial branch is added to the block input `x`, not to the temporal residual: the temporal output
+    only feeds the spatial attention's input. This is how the released model computes, so we keep it.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        time_init: str = "zeros",
+        attention: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = DividedAttention(dim, num_heads, backend=attention)
+        self.timeattn = DividedAttention(dim, num_heads, backend=attention)
+        if time_init == "zeros":
+            self.timeattn.zero_init()
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.norm3 = nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        time_residual = x + self.timeattn(self.norm3(x), frames, "time")
+        space_residual = x + self.drop_path(self.attn(self.norm1(time_residual), frames, "space"))
+        return space_residual + self.drop_path(self.mlp(self.norm2(space_residual)))
+
+
+@dataclass
+class VideoFeatures:
+    cls: torch.Tensor  # [B, D], after the final norm: the clip embedding
+    patches: torch.Tensor  # [B, F, K, D], after the final norm: the predictor's input
+    last_hidden: torch.Tensor  # [B, F, K, D], last block output before the final norm: MVM targets
+
+
+class SpaceTimeTransformer(nn.Module):
+    """ViT with divided space-time attention over a (possibly masked) grid of patches."""
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        num_frames: int = 4,
+        drop_path_rate: float = 0.0,
+        time_init: str = "zeros",
+        attention: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.num_frames = num_frames
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
+        self.grid_size: tuple[int, int] = tuple(self.patch_embed.grid_size)  # type: ignore[assignment]
+        self.patches_per_frame = self.grid_size[0] * self.grid_size[1]
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patches_per_frame + 1, embed_dim))
+        self.temporal_embed = nn.Parameter(torch.zeros(1, num_frames, embed_dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))  # MVM `bert` mode
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(
+            SpaceTimeBlock(embed_dim, num_heads, mlp_ratio, dpr[i], time_init="random", attention=attention)
+            for i in range(depth)
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        for tensor in (self.pos_embed, self.temporal_embed, self.cls_token, self.mask_token):
+            trunc_normal_(tensor, std=0.02)
+        self.apply(_init_weights)
+        if time_init == "zeros":  # after the generic init, which would overwrite it
+            for blk in self.blocks:
+                blk.timeattn.zero_init()
+
+    def set_attention_backend(self, backend: str) -> None:
+        for module in self.modules():
+            if isinstance(module, DividedAttention):
+                module.backend = backend
+
+    def embed(self, video: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """video [B, F, 3, H, W] -> tokens [B, 1 + F*N, D] with position embeddings.
+
+        `mask` [B, N] (True = hidden, the same positions in every frame) replaces those patch embeddings
+        by the learned mask token before the position embeddings are added (BEiT / MILES `bert` mode).
+        """
+        b, f = video.shape[:2]
+        if f > self.num_frames:
+            raise ValueError(f"{f} frames exceed the model's {self.num_frames} temporal embeddings")
+        x = self.patch_embed(video.flatten(0, 1)).reshape(b, f, self.patches_per_frame, self.embed_dim)
+        if mask is not None:
+            x = torch.where(mask[:, None, :, None], self.mask_token.to(x.dtype), x)
+        x = x + self.pos_embed[:, None, 1:] + self.temporal_embed[:, :f, None]
+        cls = self.cls_token + self.pos_embed[:, :1]
+        return torch.cat([cls.expand(b, -1, -1), x.flatten(1, 2)], dim=1)
+
+    def forward_tokens(self, x: torch.Tensor, frames: int) -> VideoFeatures:
+        for blk in self.blocks:
+            x = blk(x, frames)
+        normed = self.norm(x)
+        b = x.shape[0]
+        return VideoFeatures(
+            cls=normed[:, 0],
+            patches=normed[:, 1:].reshape(b, frames, -1, self.embed_dim),
+            last_hidden=x[:, 1:].reshape(b, frames, -1, self.embed_dim),
+        )
+
+    def forward_features(self, video: torch.Tensor, mask: torch.Tensor | None = None) -> VideoFeatures:
+        return self.forward_tokens(self.embed(video, mask), video.shape[1])
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        """The clip embedding (normed CLS), as the released model's `forward`."""
+        return self.forward_features(video).cls
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

@@ -1,0 +1,185 @@
+"""The procedural demo dataset: deterministic, reusable, and its captions describe its pixels."""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from data_dali import demo
+from data_dali.demo import COLOURS, MOTIONS, write_demo_dataset
+
+SMALL = {"n_train": 24, "n_val": 10, "seed": 0, "frames": 16, "size": 112, "fps": 8}
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _decode_all(path: Path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def _colour_word(caption: str) -> str:
+    words = [w for w in caption.split() if w in COLOURS]
+    assert len(words) == 1, caption
+    return words[0]
+
+
+def _shape_mask(frame: np.ndarray) -> np.ndarray:
+    """The shape is the only bright thing: background stays below ~45 in every channel."""
+    return frame.max(axis=-1) > 100
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_demo_dataset(tmp_path_factory.mktemp("demo"), **SMALL)
+
+
+def test_layout_and_manifests(small_demo: dict[str, Path]) -> None:
+    root = small_demo["train"].parent
+    assert small_demo["classes"].read_text().splitlines() == list(MOTIONS)
+    train, val = _rows(small_demo["train"]), _rows(small_demo["val"])
+    assert len(train) == SMALL["n_train"]
+    assert len(val) == 2 * SMALL["n_val"]
+    assert list(train[0]) == ["video", "caption", "label"]
+    for row in train + val:
+        assert row["label"] in MOTIONS
+        assert not Path(row["video"]).is_absolute()
+        assert (root / row["video"]).is_file()
+    assert len({r["video"] for r in train}) == SMALL["n_train"]
+    assert all(r["video"].startswith("videos/train/") for r in train)
+    assert all(r["video"].startswith("videos/val/") for r in val)
+
+
+def test_clips_are_h264_with_expected_geometry(small_demo: dict[str, Path]) -> None:
+    root = small_demo["train"].parent
+    path = root / _rows(small_demo["train"])[0]["video"]
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264"
+        assert (stream.width, stream.height) == (SMALL["size"], SMALL["size"])
+        assert stream.frames == SMALL["frames"]
+        keyframes = [p.pts for p in container.demux(stream) if p.is_keyframe and p.pts is not None]
+    assert len(keyframes) >= 2, "a small GOP keeps seeking cheap"
+
+
+def test_val_has_two_distinct_captions_per_clip(small_demo: dict[str, Path]) -> None:
+    by_video: dict[str, list[dict[str, str]]] = {}
+    for row in _rows(small_demo["val"]):
+        by_video.setdefault(row["video"], []).append(row)
+    assert len(by_video) == SMALL["n_val"]
+    for rows in by_video.values():
+        assert len(rows) == 2
+        assert rows[0]["caption"] != rows[1]["caption"]
+        assert rows[0]["label"] == rows[1]["label"]
+        assert _colour_word(rows[0]["caption"]) == _colour_word(rows[1]["caption"])
+
+
+def test_deterministic_for_seed(tmp_path: Path, small_demo: dict[str, Path]) -> None:
+    again = write_demo_dataset(tmp_path / "again", **SMALL)
+    for split in ("train", "val"):
+        assert small_demo[split].read_text() == again[split].read_text()
+    for rel in ("videos/train/00003.mp4", "videos/val/00001.mp4"):
+        a = _decode_all(small_demo["train"].parent / rel)
+        b = _decode_all(again["train"].parent / rel)
+        assert np.array_equal(a, b)
+    other = write_demo_dataset(tmp_path / "other", **{**SMALL, "seed": 1, "n_val": 1})
+    assert _rows(other["train"]) != _rows(small_demo["train"])
+
+
+def test_second_call_is_skipped_and_interrupted_call_redone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    params = {**SMALL, "n_train": 4, "n_val": 2}
+    out = write_demo_dataset(tmp_path, workers=1, **params)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+
+    calls: list[str] = []
+    real_encode = demo._encode_clip
+    monkeypatch.setattr(demo, "_encode_clip", lambda job: calls.append(job[0]) or real_encode(job))
+    t0 = time.perf_counter()
+    assert write_demo_dataset(tmp_path, workers=1, **params) == out
+    assert time.perf_counter() - t0 < 0.5
+    assert calls == []
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
+
+    # A lost clip (or a manifest that was never renamed into place) means the run did not finish.
+    (tmp_path / "videos/train/00002.mp4").unlink()
+    write_demo_dataset(tmp_path, workers=1, **params)
+    assert len(calls) == 6
+    assert (tmp_path / "videos/train/00002.mp4").is_file()
+
+    # Different parameters are regenerated too.
+    calls.clear()
+    write_demo_dataset(tmp_path, workers=1, **{**params, "n_val": 3})
+    assert len(calls) == 7
+    assert len(_rows(out["val"])) == 6
+
+
+def test_shape_colour_matches_caption(small_demo: dict[str, Path]) -> None:
+    root = small_demo["val"].parent
+    palette = {name: np.array(rgb, dtype=np.float64) for name, rgb in COLOURS.items()}
+    rows = _rows(small_demo["val"]) + _rows(small_demo["train"])
+    seen = set()
+    for row in rows:
+        frames = _decode_all(root / row["video"])
+        for frame in (frames[0], frames[-1]):
+            mask = _shape_mask(frame)
+            assert mask.sum() > 30, f"shape not visible in {row['video']}"
+            mean = frame[mask].astype(np.float64).mean(axis=0)
+            nearest = min(palette, key=lambda n: np.linalg.norm(palette[n] - mean))
+            assert nearest == _colour_word(row["caption"]), (row, mean)
+        seen.add(_colour_word(row["caption"]))
+    assert len(seen) >= 5
+
+
+def _centroid(frame: np.ndarray) -> tuple[float, float]:
+    ys, xs = np.nonzero(_shape_mask(frame))
+    return float(xs.mean()), float(ys.mean())
+
+
+def _area(frame: np.ndarray) -> int:
+    return int(_shape_mask(frame).sum())
+
+
+def test_motion_is_visible(small_demo: dict[str, Path]) -> None:
+    root = small_demo["train"].parent
+    size = SMALL["size"]
+    checked = set()
+    for row in _rows(small_demo["train"]) + _rows(small_demo["val"]):
+        frames = _decode_all(root / row["video"])
+        (x0, y0), (x1, y1) = _centroid(frames[0]), _centroid(frames[-1])
+        motion = row["label"]
+        if motion == "moving left":
+            assert x0 - x1 > 0.4 * size and abs(y1 - y0) < 3
+        elif motion == "moving right":
+            assert x1 - x0 > 0.4 * size and abs(y1 - y0) < 3
+        elif motion == "moving up":
+            assert y0 - y1 > 0.4 * size and abs(x1 - x0) < 3
+        elif motion == "moving down":
+            assert y1 - y0 > 0.4 * size and abs(x1 - x0) < 3
+        elif motion == "growing":
+            assert _area(frames[-1]) > 3 * _area(frames[0])
+        elif motion == "shrinking":
+            assert _area(frames[0]) > 3 * _area(frames[-1])
+        elif motion == "rotating":
+            assert "circle" not in row["caption"]
+            mid = _shape_mask(frames[len(frames) // 3])
+            assert (mid != _shape_mask(frames[0])).sum() > 0.2 * mid.sum()
+        checked.add(motion)
+    assert {"moving left", "growing", "rotating"} <= checked
+
+
+def test_rotating_is_never_a_circle() -> None:
+    rng = np.random.default_rng(0)
+    specs = [demo._sample_spec(rng, 0) for _ in range(400)]
+    assert {s.motion for s in specs} == set(MOTIONS)
+    assert not any(s.motion == "rotating" and s.shape == "circle" for s in specs)
+    assert {s.shape for s in specs if s.motion == "rotating"} == {"square", "triangle", "cross"}
