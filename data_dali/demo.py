@@ -243,9 +243,10 @@ def _is_complete(out_dir: Path, params: dict, outputs: dict[str, Path]) -> bool:
         return False
     for split in ("train", "val"):
         with outputs[split].open(newline="", encoding="utf-8") as f:
-            for row in csv.DictReader(f):
-                if not (out_dir / row["video"]).is_file():
-                    return False
+            rows = list(csv.DictReader(f))
+        expected = params[f"n_{split}"] * (2 if split == "val" else 1)
+        if len(rows) != expected or not all((out_dir / row.get("video", "")).is_file() for row in rows):
+            return False
     return True
 
 

@@ -21,8 +21,6 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.io import ImageReadMode, read_file
-from torchvision.io import decode_image as tv_decode_image
 
 from data_dali.manifest import ManifestEntry, is_image
 
@@ -46,6 +44,8 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+_MEAN_255 = [255.0 * m for m in IMAGENET_MEAN]
+_STD_255 = [255.0 * s for s in IMAGENET_STD]
 
 # Seek again only when the next wanted frame is further ahead than this; closer frames are cheaper to
 # reach by decoding forward than by seeking back to a keyframe (about 2 GOPs of a typical encode).
@@ -194,14 +194,13 @@ def _decode_sequential(
 
 
 def decode_image(path: Path) -> torch.Tensor:
-    """Images enter the video pipeline as one-frame clips, uint8 [1, H, W, 3]."""
+    """Images enter the video pipeline as one-frame clips, uint8 [1, H, W, 3].
+
+    PIL rather than torchvision.io: the latter's image codecs are deprecated since torchvision 0.29,
+    and PIL covers every format in IMAGE_EXTENSIONS.
+    """
     path = Path(path)
     _check_file(path)
-    try:
-        chw = tv_decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-        return chw.permute(1, 2, 0).unsqueeze(0).contiguous()
-    except (RuntimeError, ValueError):
-        pass  # formats torchvision's decoders lack (e.g. BMP) go through PIL
     try:
         with Image.open(path) as im:
             rgb = np.asarray(im.convert("RGB"))
@@ -314,7 +313,7 @@ def augment_clip(
     Training: random resized crop + horizontal flip with probability ``hflip`` (0 when captions say
     left/right). Evaluation: short side to ``size`` and a centre crop, deterministic.
     """
-    x = frames.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+    x = frames.permute(0, 3, 1, 2).contiguous().to(torch.float32)
     if train:
         if rng is None:
             rng = np.random.default_rng()
@@ -325,7 +324,9 @@ def augment_clip(
     else:
         x = TF.resize(x, [size], antialias=True)
         x = TF.center_crop(x, [size, size])
-    return TF.normalize(x, list(IMAGENET_MEAN), list(IMAGENET_STD)).contiguous()
+    # Pixels stay in [0, 255] until here: the 1/255 scale is folded into mean and std (one pass fewer).
+    x = TF.normalize(x, _MEAN_255, _STD_255, inplace=True)
+    return x.contiguous()
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from miles.config import ConfigError, available_presets, build_config
+from miles.config import ConfigError, available_presets, build_config, check_data_files
 
 
 def _setup_logging() -> None:
@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}: {path}")
         elif args.command == "pretrain":
             cfg = build_config(args.preset, args.config, args.overrides)
+            check_data_files(cfg)
             from miles.pretrain import run_pretraining
 
             run_pretraining(cfg, args.out or Path("runs") / cfg.preset, resume=args.resume)

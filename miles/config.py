@@ -125,6 +125,11 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     """Check a YAML value against the schema type; ints are accepted where floats are expected."""
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typ is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if typ is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")

@@ -1,0 +1,121 @@
+"""The `smoke` pre-training run end to end: metrics, checkpoints, eval CLI, resume after a kill, bad videos."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_dali.demo import write_demo_dataset
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smoke_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("smoke_data")
+    write_demo_dataset(root, n_train=32, n_val=12, seed=0)
+    return root
+
+
+def _data_overrides(root: Path, train: str = "train.csv", val: str = "val.csv") -> list[str]:
+    return [f"data.root={root}", f"data.train_manifest={root / train}", f"data.val_manifest={root / val}",
+            f"data.classes={root / 'classes.txt'}", "data.generate_demo=false"]
+
+
+def _miles(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "miles", *args], capture_output=True, text=True, env=env, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"miles {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def _losses(run: Path) -> list[tuple[int, float, float]]:
+    lines = (run / "log.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"], r["mvm"]) for r in map(json.loads, lines)]
+
+
+def test_smoke_run_end_to_end(smoke_data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = _miles("pretrain", "--preset", "smoke", "--out", str(run), *_data_overrides(smoke_data))
+    assert "t2v R1" in proc.stdout
+    metrics = json.loads((run / "metrics.json").read_text())
+    for side in ("t2v", "v2t"):
+        assert set(metrics[side]) == {"R1", "R5", "R10", "MedR", "MeanR"}
+        assert 0 <= metrics[side]["R1"] <= metrics[side]["R5"] <= metrics[side]["R10"] <= 100
+        assert 1 <= metrics[side]["MedR"] <= 12
+    assert set(metrics["zeroshot"]) == {"top1", "top5"}
+    assert metrics["chance"]["R1"] == pytest.approx(100 / 12)
+    assert metrics["chance"]["top1"] == pytest.approx(100 / 7)
+    assert metrics["untrained"]["t2v"]["R1"] >= 0
+    assert metrics["skipped_videos"] == 0
+    log = _losses(run)
+    assert [s for s, _, _ in log] == list(range(1, 7))
+    assert all(torch.isfinite(torch.tensor([loss, mvm])).all() and mvm > 0 for _, loss, mvm in log)
+    ckpts = sorted((run / "checkpoints").glob("step_*.pt"))
+    assert [p.name for p in ckpts] == ["step_00000003.pt", "step_00000006.pt"]
+    assert not list((run / "checkpoints").glob(".*tmp*"))  # atomic writes leave no temporaries
+    assert (run / "config.yaml").is_file()
+
+    # `miles eval` on the final checkpoint reproduces the run's own final numbers.
+    out = tmp_path / "eval.json"
+    _miles("eval", "--checkpoint", str(ckpts[-1]), "--data", str(smoke_data / "val.csv"),
+           "--classes", str(smoke_data / "classes.txt"), "--out", str(out))
+    again = json.loads(out.read_text())
+    assert again["t2v"] == metrics["t2v"] and again["v2t"] == metrics["v2t"]
+    assert again["zeroshot"] == metrics["zeroshot"]
+
+
+def test_resume_after_kill_reproduces_losses(smoke_data: Path, tmp_path: Path) -> None:
+    common = ["--preset", "smoke", *_data_overrides(smoke_data), "train.max_steps=8", "train.checkpoint_every=3",
+              "eval.before_training=false", "data.num_workers=1"]
+    full = tmp_path / "full"
+    _miles("pretrain", "--out", str(full), *common)
+    killed = tmp_path / "killed"
+    proc = _miles("pretrain", "--out", str(killed), *common, "train.crash_at_step=5", check=False)
+    assert proc.returncode == -9  # SIGKILL, after step 5, with the last checkpoint at step 3
+    assert not (killed / "metrics.json").exists()
+    assert [s for s, _, _ in _losses(killed)] == [1, 2, 3, 4, 5]
+    _miles("pretrain", "--out", str(killed), "--resume", *common)
+    assert _losses(killed) == _losses(full)  # bit-identical on the CPU
+    a = torch.load(full / "checkpoints" / "step_00000008.pt", weights_only=False)
+    b = torch.load(killed / "checkpoints" / "step_00000008.pt", weights_only=False)
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    for key, value in a["snapshot"].items():
+        assert torch.equal(value, b["snapshot"][key]), key
+
+
+def test_bad_videos_are_skipped_counted_and_named(smoke_data: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(smoke_data, data)
+    bad = data / "bad"
+    bad.mkdir()
+    (bad / "empty.mp4").write_bytes(b"")
+    (bad / "garbage.mp4").write_bytes(os.urandom(5000))
+    good = (data / "videos" / "train" / "00000.mp4").read_bytes()
+    (bad / "truncated.mp4").write_bytes(good[: len(good) // 3])
+    names = ["bad/empty.mp4", "bad/garbage.mp4", "bad/truncated.mp4", "bad/missing.mp4"]
+    for manifest in ("train.csv", "val.csv"):
+        with open(data / manifest, "a", newline="") as fh:
+            writer = csv.writer(fh)
+            for name in names:
+                writer.writerow([name, f"a broken clip {name}", "growing"])
+    run = tmp_path / "run"
+    _miles("pretrain", "--preset", "smoke", "--out", str(run), *_data_overrides(data), "train.max_steps=8",
+           "eval.before_training=false")
+    metrics = json.loads((run / "metrics.json").read_text())
+    val_bad = {str(data / n) for n in names}
+    assert set(metrics["skipped_paths"]) >= val_bad  # every bad val video is named
+    assert metrics["skipped_videos"] == len(metrics["skipped_paths"]) >= 4
+    assert all(p in val_bad for p in metrics["skipped_paths"])
+    # evaluation left them out rather than scoring black clips
+    assert json.loads((run / "metrics.json").read_text())["chance"]["R1"] == pytest.approx(100 / 12)

