@@ -57,10 +57,20 @@ _SHAPE_WORDS: dict[str, tuple[str, ...]] = {
     "cross": ("cross", "plus sign"),
 }
 _MOTION_PHRASES: dict[str, tuple[str, ...]] = {
-    "moving left": ("moves to the left", "slides left", "travels leftward", "drifts to the left",
-                    "goes left"),
-    "moving right": ("moves to the right", "slides right", "travels rightward", "drifts to the right",
-                     "goes right"),
+    "moving left": (
+        "moves to the left",
+        "slides left",
+        "travels leftward",
+        "drifts to the left",
+        "goes left",
+    ),
+    "moving right": (
+        "moves to the right",
+        "slides right",
+        "travels rightward",
+        "drifts to the right",
+        "goes right",
+    ),
     "moving up": ("moves up", "drifts upward", "rises", "floats up", "slides upward"),
     "moving down": ("moves down", "falls", "drops downward", "sinks", "slides down"),
     "growing": ("grows bigger", "expands", "gets larger", "grows", "swells up"),

@@ -17,8 +17,20 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 # Column names that other datasets use; only used to suggest a fix in error messages.
 _ALIASES = {
-    "video": ("video", "path", "video_path", "videopath", "file", "filename", "file_name", "videoid",
-              "video_id", "image", "image_path", "clip"),
+    "video": (
+        "video",
+        "path",
+        "video_path",
+        "videopath",
+        "file",
+        "filename",
+        "file_name",
+        "videoid",
+        "video_id",
+        "image",
+        "image_path",
+        "clip",
+    ),
     "caption": ("caption", "text", "sentence", "name", "title", "description", "txt", "label_text"),
 }
 
@@ -111,8 +123,10 @@ def read_manifest(
             f"manifest {path} has no rows; add at least one row with columns "
             f"{video_column!r} and {caption_column!r}"
         )
-    for role, option, column in (("video", "video_column", video_column),
-                                 ("caption", "caption_column", caption_column)):
+    for role, option, column in (
+        ("video", "video_column", video_column),
+        ("caption", "caption_column", caption_column),
+    ):
         if column not in columns:
             raise ManifestError(
                 f"manifest {path} has no column {column!r} (columns: {', '.join(map(str, columns))}); "

@@ -218,9 +218,7 @@ def _check_file(path: Path) -> None:
         raise VideoDecodeError(f"{path} is empty (0 bytes)")
 
 
-def decode_frames(
-    path: Path, num: int, train: bool, rng: np.random.Generator | None = None
-) -> torch.Tensor:
+def decode_frames(path: Path, num: int, train: bool, rng: np.random.Generator | None = None) -> torch.Tensor:
     """Decode ``num`` frames chosen by :func:`sample_frame_indices` as uint8 [F, H, W, 3].
 
     Images give one frame [1, H, W, 3]. Any failure raises :class:`VideoDecodeError` naming the file;
@@ -381,7 +379,8 @@ class VideoTextDataset(Dataset):
             try:
                 video = self.load(j)
             except VideoDecodeError as e:
-                log.warning("skipping bad video: %s", e)
+                # Reported once per file by the consumer (trainer / evaluation), which sees `skipped`.
+                log.debug("skipping bad video: %s", e)
                 skipped.append(str(entry.video))
                 continue
             return {"video": video, "caption": entry.caption, "index": j, "skipped": skipped}
@@ -405,8 +404,14 @@ class VideoTextCollator:
         good = [item for item in items if item["video"] is not None]
         if not good:
             # Every clip in the batch failed: the caller skips a batch whose video is None.
-            return {"video": None, "input_ids": None, "attention_mask": None,
-                    "index": torch.empty(0, dtype=torch.int64), "captions": [], "skipped": skipped}
+            return {
+                "video": None,
+                "input_ids": None,
+                "attention_mask": None,
+                "index": torch.empty(0, dtype=torch.int64),
+                "captions": [],
+                "skipped": skipped,
+            }
         videos = [item["video"] for item in good]
         num_frames = max(v.shape[0] for v in videos)
         if any(v.shape[0] not in (1, num_frames) for v in videos):
@@ -529,11 +534,21 @@ def build_reference_loader(
     Call :func:`set_loader_epoch` before iterating each epoch.
     """
     dataset = VideoTextDataset(
-        entries, num_frames=num_frames, size=size, train=train, seed=seed, hflip=hflip,
+        entries,
+        num_frames=num_frames,
+        size=size,
+        train=train,
+        seed=seed,
+        hflip=hflip,
         substitute_bad=train,
     )
     sampler = ShardedEpochSampler(
-        len(dataset), rank=rank, world_size=world_size, shuffle=train, seed=seed, drop_last=train,
+        len(dataset),
+        rank=rank,
+        world_size=world_size,
+        shuffle=train,
+        seed=seed,
+        drop_last=train,
         batch_size=batch_size,
     )
     return DataLoader(

@@ -37,7 +37,7 @@ def drop_tokens_reference(
 def restore_tokens_reference(
     y: torch.Tensor, visible: torch.Tensor, mask_token: torch.Tensor, pos: torch.Tensor, time: torch.Tensor
 ) -> torch.Tensor:
-    """y [B, F, K, C] -> full grid [B, F, N, C]: y at visible positions, mask_token elsewhere, + pos + time."""
+    """y [B, F, K, C] -> grid [B, F, N, C]: y at visible positions, mask_token elsewhere, + pos + time."""
     n = pos.shape[0]
     _check(y, visible, pos, time, n)
     b, f, k, c = y.shape

@@ -5,9 +5,10 @@ hashing, so a resumed run masks exactly as an uninterrupted one and any device (
 later) can reproduce the mask bit for bit without a host round trip or a device RNG.
 
 The mask is spatial (`[B, N]` over the `h x w` patch grid) and is applied identically to every frame:
-that is the "tube". Blocks come from BEiT-style random rectangles (placed on the grid as a torus); the positions of each sample are
-ranked by an integer key (the priority of the first rectangle that covers it, then a hash) and the
-`round(ratio * N)` highest keys are hidden, which gives an exact count and whole blocks.
+that is the "tube". Blocks come from BEiT-style random rectangles (placed on the grid as a torus);
+the positions of each sample are ranked by an integer key (the priority of the first rectangle that
+covers it, then a hash) and the `round(ratio * N)` highest keys are hidden, which gives an exact count
+and whole blocks.
 """
 
 from __future__ import annotations

@@ -18,7 +18,9 @@ import torch.nn.functional as F
 BACKENDS = ("sdpa", "reference")
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, dropout_p: float = 0.0) -> torch.Tensor:
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, dropout_p: float = 0.0
+) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over the last two dims; any leading batch dims."""
     if backend == "sdpa":
         lead = q.shape[:-2]

@@ -54,7 +54,9 @@ class ModelConfig:
     drop_path: float = 0.0
     time_init: str = "zeros"  # "zeros": temporal attention starts as a no-op (the released default)
     attention: str = "sdpa"  # sdpa | reference
-    text_model: str = "distilbert-base-uncased"  # a local HF folder, "minilm" (shipped demo model) or an arch name
+    text_model: str = (
+        "distilbert-base-uncased"  # a local HF folder, "minilm" (shipped demo model) or an arch name
+    )
     projection_dim: int = 256
     video_weights: str = ""  # optional checkpoint for the video encoder (timm ViT or MILES/Frozen keys)
 
@@ -149,9 +151,7 @@ def _merge(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
     for key, value in updates.items():
         full = f"{prefix}{key}"
         if key not in names:
-            raise ConfigError(
-                f"unknown config key '{full}'; known keys here: {', '.join(sorted(names))}"
-            )
+            raise ConfigError(f"unknown config key '{full}'; known keys here: {', '.join(sorted(names))}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
@@ -238,16 +238,25 @@ def validate(cfg: Config, *, check_files: bool = False) -> None:
         "raise model.num_frames or lower data.num_frames",
     )
     _require(d.size == m.img_size, "data.size", f"({d.size}) must equal model.img_size ({m.img_size})")
-    _require(m.patch_size >= 1 and m.img_size % m.patch_size == 0, "model.patch_size",
-             f"{m.patch_size} must divide model.img_size {m.img_size}")
-    _require(m.embed_dim % m.num_heads == 0, "model.num_heads",
-             f"{m.num_heads} must divide model.embed_dim {m.embed_dim}")
+    _require(
+        m.patch_size >= 1 and m.img_size % m.patch_size == 0,
+        "model.patch_size",
+        f"{m.patch_size} must divide model.img_size {m.img_size}",
+    )
+    _require(
+        m.embed_dim % m.num_heads == 0,
+        "model.num_heads",
+        f"{m.num_heads} must divide model.embed_dim {m.embed_dim}",
+    )
     _require(m.depth >= 1, "model.depth", "must be at least 1")
     _require(m.time_init in ("zeros", "random"), "model.time_init", "must be 'zeros' or 'random'")
     _require(m.attention in ("sdpa", "reference"), "model.attention", "must be 'sdpa' or 'reference'")
     _require(0.0 <= d.hflip <= 1.0, "data.hflip", f"is a probability, got {d.hflip}")
-    _require(d.backend in ("reference", "auto"), "data.backend",
-             f"must be 'reference' or 'auto', got '{d.backend}'")
+    _require(
+        d.backend in ("reference", "auto"),
+        "data.backend",
+        f"must be 'reference' or 'auto', got '{d.backend}'",
+    )
     _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _require(0.0 <= v.mask_ratio < 1.0, "mvm.mask_ratio", f"must be in [0, 1), got {v.mask_ratio}")
     _require(v.mode in ("bert",), "mvm.mode", f"must be 'bert', got '{v.mode}'")
@@ -256,8 +265,11 @@ def validate(cfg: Config, *, check_files: bool = False) -> None:
     _require(0.0 <= v.ema_momentum <= 1.0, "mvm.ema_momentum", f"must be in [0, 1], got {v.ema_momentum}")
     _require(v.copy_every >= 1, "mvm.copy_every", "must be at least 1")
     _require(v.weight >= 0, "mvm.weight", "must be >= 0")
-    _require(v.predictor_dim % v.predictor_heads == 0, "mvm.predictor_heads",
-             f"{v.predictor_heads} must divide mvm.predictor_dim {v.predictor_dim}")
+    _require(
+        v.predictor_dim % v.predictor_heads == 0,
+        "mvm.predictor_heads",
+        f"{v.predictor_heads} must divide mvm.predictor_dim {v.predictor_dim}",
+    )
     _require(v.predictor_depth >= 1, "mvm.predictor_depth", "must be at least 1")
     _require(v.block_min_area >= 1, "mvm.block_min_area", "must be at least 1")
     _require(t.batch_size >= 2, "train.batch_size", "must be at least 2 (contrastive negatives)")

@@ -53,11 +53,16 @@ def read_classes(path: Path) -> list[str]:
 
 
 @torch.no_grad()
-def embed_texts(model: MilesModel, texts: list[str], device: torch.device, batch_size: int, max_length: int) -> torch.Tensor:
+def embed_texts(
+    model: MilesModel, texts: list[str], device: torch.device, batch_size: int, max_length: int
+) -> torch.Tensor:
     out = []
     for start in range(0, len(texts), batch_size):
         tokens = model.tokenizer(
-            texts[start : start + batch_size], padding="longest", truncation=True, max_length=max_length,
+            texts[start : start + batch_size],
+            padding="longest",
+            truncation=True,
+            max_length=max_length,
             return_tensors="pt",
         )
         emb = model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))

@@ -84,7 +84,9 @@ class MilesModel(nn.Module):
         encoder pass. `targets` are the snapshot encoder's features of the unmasked video, [B, F, N, D].
         """
         features = self.video_model.forward_features(video, mask)
-        contrastive = self.contrastive(self.vid_proj(features.cls), self.encode_text(input_ids, attention_mask))
+        contrastive = self.contrastive(
+            self.vid_proj(features.cls), self.encode_text(input_ids, attention_mask)
+        )
         mvm = contrastive.new_zeros(())
         if self.predictor is not None and mask is not None and targets is not None and bool(mask.any()):
             b, n = mask.shape
@@ -105,4 +107,3 @@ def _gather_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     b, f, _, c = x.shape
     idx = positions[:, None, :, None].expand(b, f, positions.shape[1], c)
     return torch.gather(x, 2, idx).flatten(1, 2)
-

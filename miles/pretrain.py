@@ -39,8 +39,9 @@ def ensure_data(cfg: Config, main: bool) -> None:
 
 def _read(cfg: Config, path: str) -> list:
     d = cfg.data
-    return read_manifest(Path(path), video_column=d.video_column, caption_column=d.caption_column,
-                         label_column=d.label_column)
+    return read_manifest(
+        Path(path), video_column=d.video_column, caption_column=d.caption_column, label_column=d.label_column
+    )
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -59,12 +60,23 @@ def run_pretraining(cfg: Config, out_dir: Path, resume: bool = False) -> dict[st
     ensure_data(cfg, main)
     train_entries = _read(cfg, cfg.data.train_manifest)
     val_entries = _read(cfg, cfg.data.val_manifest)
-    classes = read_classes(Path(cfg.data.classes)) if cfg.data.classes and Path(cfg.data.classes).is_file() else None
+    classes = (
+        read_classes(Path(cfg.data.classes))
+        if cfg.data.classes and Path(cfg.data.classes).is_file()
+        else None
+    )
     if main:
         write_config(cfg, out_dir)
-        log.info("preset %s | masking mode %s, ratio %.2f | %d train / %d val rows | %d process(es) on %s",
-                 cfg.preset, cfg.mvm.mode, cfg.mvm.mask_ratio, len(train_entries), len(val_entries),
-                 dist.world_size, dist.device)
+        log.info(
+            "preset %s | masking mode %s, ratio %.2f | %d train / %d val rows | %d process(es) on %s",
+            cfg.preset,
+            cfg.mvm.mode,
+            cfg.mvm.mask_ratio,
+            len(train_entries),
+            len(val_entries),
+            dist.world_size,
+            dist.device,
+        )
     seed_everything(cfg.train.seed)
     model = MilesModel(cfg)
     trainer = Trainer(cfg, train_entries, out_dir, dist, model=model)
@@ -106,16 +118,25 @@ def run_pretraining(cfg: Config, out_dir: Path, resume: bool = False) -> dict[st
         }
         _write_json(metrics_path, result)
         chance = trained["chance"]
-        columns = {"chance": {"t2v": {"R1": chance["R1"]}, "v2t": {"R1": chance["R1"]},
-                              "zeroshot": {"top1": chance.get("top1")}}}
+        columns = {
+            "chance": {
+                "t2v": {"R1": chance["R1"]},
+                "v2t": {"R1": chance["R1"]},
+                "zeroshot": {"top1": chance.get("top1")},
+            }
+        }
         if untrained:
             columns["untrained"] = untrained
         columns["trained"] = trained
-        print(f"\nretrieval on {cfg.data.val_manifest} ({trained['num_videos']} videos, "
-              f"{trained['num_captions']} captions; R@K in %):")
+        print(
+            f"\nretrieval on {cfg.data.val_manifest} ({trained['num_videos']} videos, "
+            f"{trained['num_captions']} captions; R@K in %):"
+        )
         print(format_table(columns))
-        print(f"skipped videos: {result['skipped_videos']} | train {summary['clips_per_s']:.1f} clips/s | "
-              f"wall {result['wall_seconds']:.0f} s | metrics: {metrics_path}")
+        print(
+            f"skipped videos: {result['skipped_videos']} | train {summary['clips_per_s']:.1f} clips/s | "
+            f"wall {result['wall_seconds']:.0f} s | metrics: {metrics_path}"
+        )
     barrier()
     return result
 
@@ -126,8 +147,13 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def run_eval(checkpoint: Path, manifest: Path, out: Path | None, classes_path: Path | None,
-             overrides: list[str] | None = None) -> dict[str, Any]:
+def run_eval(
+    checkpoint: Path,
+    manifest: Path,
+    out: Path | None,
+    classes_path: Path | None,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
     """`miles eval`: a trained checkpoint on any manifest."""
     from miles.config import config_from_dict, parse_override
 
@@ -145,13 +171,27 @@ def run_eval(checkpoint: Path, manifest: Path, out: Path | None, classes_path: P
     dist = init_distributed()
     model = MilesModel(cfg).to(dist.device)
     model.load_state_dict(state["model"])
-    entries = read_manifest(manifest, video_column=cfg.data.video_column, caption_column=cfg.data.caption_column,
-                            label_column=cfg.data.label_column)
+    entries = read_manifest(
+        manifest,
+        video_column=cfg.data.video_column,
+        caption_column=cfg.data.caption_column,
+        label_column=cfg.data.label_column,
+    )
     classes = read_classes(classes_path) if classes_path else None
     result = evaluate(model, entries, cfg, dist.device, classes)
     chance = result["chance"]
-    print(format_table({"chance": {"t2v": {"R1": chance["R1"]}, "v2t": {"R1": chance["R1"]},
-                                   "zeroshot": {"top1": chance.get("top1")}}, "model": result}))
+    print(
+        format_table(
+            {
+                "chance": {
+                    "t2v": {"R1": chance["R1"]},
+                    "v2t": {"R1": chance["R1"]},
+                    "zeroshot": {"top1": chance.get("top1")},
+                },
+                "model": result,
+            }
+        )
+    )
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         _write_json(out, result)

@@ -18,7 +18,9 @@ from miles.video_encoder import SpaceTimeTransformer
 class SnapshotEncoder(nn.Module):
     """EMA (`p <- m p + (1 - m) q`) or periodic copy of the online encoder; never trained directly."""
 
-    def __init__(self, online: SpaceTimeTransformer, mode: str = "ema", momentum: float = 0.999, copy_every: int = 1000):
+    def __init__(
+        self, online: SpaceTimeTransformer, mode: str = "ema", momentum: float = 0.999, copy_every: int = 1000
+    ):
         super().__init__()
         if mode not in ("ema", "copy"):
             raise ValueError(f"snapshot mode must be 'ema' or 'copy', got {mode!r}")

@@ -76,7 +76,8 @@ def build_text_encoder(name: str) -> tuple[nn.Module, PreTrainedTokenizerBase, i
     hidden = int(getattr(model.config, "hidden_size", getattr(model.config, "dim", 0)))
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(
-            f"tokenizer vocabulary ({tokenizer.vocab_size}) exceeds text model '{name}' ({model.config.vocab_size})"
+            f"tokenizer vocabulary ({tokenizer.vocab_size}) exceeds text model '{name}' "
+            f"({model.config.vocab_size})"
         )
     return model, tokenizer, hidden
 

@@ -68,12 +68,21 @@ def param_groups(model: MilesModel, cfg: Config) -> list[dict[str, Any]]:
         if not param.requires_grad:
             continue
         is_text = name.startswith("text_model.")
-        no_decay = param.ndim <= 1 or name.endswith(("cls_token", "pos_embed", "temporal_embed", "mask_token"))
+        no_decay = param.ndim <= 1 or name.endswith(
+            ("cls_token", "pos_embed", "temporal_embed", "mask_token")
+        )
         groups.setdefault((is_text, no_decay), []).append(param)
     out = []
     for (is_text, no_decay), params in sorted(groups.items()):
         lr = cfg.train.text_lr if is_text else cfg.train.lr
-        out.append({"params": params, "lr": lr, "base_lr": lr, "weight_decay": 0.0 if no_decay else cfg.train.weight_decay})
+        out.append(
+            {
+                "params": params,
+                "lr": lr,
+                "base_lr": lr,
+                "weight_decay": 0.0 if no_decay else cfg.train.weight_decay,
+            }
+        )
     return out
 
 
@@ -150,9 +159,9 @@ class Trainer:
         seed_everything(cfg.train.seed + dist.rank)
         self.model = (model or MilesModel(cfg)).to(self.device)
         self.snapshot = (
-            SnapshotEncoder(self.model.video_model, cfg.mvm.snapshot, cfg.mvm.ema_momentum, cfg.mvm.copy_every).to(
-                self.device
-            )
+            SnapshotEncoder(
+                self.model.video_model, cfg.mvm.snapshot, cfg.mvm.ema_momentum, cfg.mvm.copy_every
+            ).to(self.device)
             if cfg.mvm.enabled
             else None
         )
@@ -229,8 +238,13 @@ class Trainer:
             seed_everything(self.cfg.train.seed + self.dist.rank + 7919 * self.state.step)
         if self.dist.rank == 0:
             _truncate_log(self.log_path, self.state.step)
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.state.step,
-                 self.state.position.epoch, self.state.position.batches)
+        log.info(
+            "resumed from %s at step %d (epoch %d, batch %d)",
+            path,
+            self.state.step,
+            self.state.position.epoch,
+            self.state.position.batches,
+        )
 
     # ------------------------------------------------------------------------------------------ step
     def _micro_step(self, batch: dict[str, Any], micro_index: int) -> tuple[float, float, float]:
@@ -293,8 +307,14 @@ class Trainer:
         t = cfg.train
         stream = BatchStream(self.loader, self.state.position)
         main = self.dist.rank == 0
-        bar = tqdm(total=t.max_steps, initial=self.state.step, disable=not main, desc="pretrain", unit="step",
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=t.max_steps,
+            initial=self.state.step,
+            disable=not main,
+            desc="pretrain",
+            unit="step",
+            dynamic_ncols=True,
+        )
         log_file = open(self.log_path, "a") if main else None
         started = time.perf_counter()
         clips_done = 0
@@ -308,8 +328,11 @@ class Trainer:
                 last["clips_per_s"] = last["clips"] / max(elapsed, 1e-9)
                 if main:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{last['loss']:.3f}", mvm=f"{last['mvm']:.3f}",
-                                    clips_s=f"{last['clips_per_s']:.1f}")
+                    bar.set_postfix(
+                        loss=f"{last['loss']:.3f}",
+                        mvm=f"{last['mvm']:.3f}",
+                        clips_s=f"{last['clips_per_s']:.1f}",
+                    )
                     if self.state.step % t.log_every == 0 or self.state.step == t.max_steps:
                         record = {"step": self.state.step, "epoch": self.state.position.epoch, **last}
                         log_file.write(json.dumps(record) + "\n")  # type: ignore[union-attr]

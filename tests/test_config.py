@@ -11,15 +11,21 @@ from miles.config import ConfigError, available_presets, build_config
 def test_presets_load_and_validate() -> None:
     assert {"base", "demo", "smoke"} <= set(available_presets())
     base = build_config("base")
-    assert (base.model.embed_dim, base.model.depth, base.model.img_size, base.model.patch_size) == (768, 12, 224, 16)
+    assert (base.model.embed_dim, base.model.depth, base.model.img_size, base.model.patch_size) == (
+        768,
+        12,
+        224,
+        16,
+    )
     assert base.model.num_frames == 4 and base.model.projection_dim == 256
     assert base.train.temperature == 0.05 and base.mvm.ema_momentum == 0.999
     assert build_config("demo").model.text_model == "minilm"
 
 
 def test_overrides_keep_types() -> None:
-    cfg = build_config("smoke", overrides=["train.max_steps=17", "mvm.mask_ratio=0.6", "mvm.enabled=false",
-                                           "train.lr=1e-3"])
+    cfg = build_config(
+        "smoke", overrides=["train.max_steps=17", "mvm.mask_ratio=0.6", "mvm.enabled=false", "train.lr=1e-3"]
+    )
     assert cfg.train.max_steps == 17 and cfg.mvm.mask_ratio == 0.6 and cfg.mvm.enabled is False
     assert cfg.train.lr == pytest.approx(1e-3)
 
@@ -64,8 +70,17 @@ def test_cli_refuses_before_any_work(tmp_path, capsys) -> None:
     assert "mvm.mask_ratio" in capsys.readouterr().err
     assert not out.exists()  # nothing was started
     missing = tmp_path / "missing.csv"
-    code = main(["pretrain", "--preset", "smoke", "--out", str(out), "data.generate_demo=false",
-                 f"data.train_manifest={missing}"])
+    code = main(
+        [
+            "pretrain",
+            "--preset",
+            "smoke",
+            "--out",
+            str(out),
+            "data.generate_demo=false",
+            f"data.train_manifest={missing}",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "data.train_manifest" in err and str(missing) in err

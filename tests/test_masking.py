@@ -9,7 +9,9 @@ import kernels
 from kernels.tube_mask import hash32
 
 
-@pytest.mark.parametrize("grid,ratio", [((14, 14), 0.5), ((14, 14), 0.75), ((8, 8), 0.5), ((7, 9), 0.3), ((4, 4), 0.9)])
+@pytest.mark.parametrize(
+    "grid,ratio", [((14, 14), 0.5), ((14, 14), 0.75), ((8, 8), 0.5), ((7, 9), 0.3), ((4, 4), 0.9)]
+)
 def test_exact_count_and_visible_indices(grid: tuple[int, int], ratio: float) -> None:
     n = grid[0] * grid[1]
     mask, visible = kernels.tube_mask(16, grid, ratio, seed=3, step=5)

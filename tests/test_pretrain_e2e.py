@@ -1,4 +1,4 @@
-"""The `smoke` pre-training run end to end: metrics, checkpoints, eval CLI, resume after a kill, bad videos."""
+"""The `smoke` pre-training run end to end: metrics, checkpoints, eval, resume after a kill, bad videos."""
 
 from __future__ import annotations
 
@@ -26,13 +26,20 @@ def smoke_data(tmp_path_factory) -> Path:
 
 
 def _data_overrides(root: Path, train: str = "train.csv", val: str = "val.csv") -> list[str]:
-    return [f"data.root={root}", f"data.train_manifest={root / train}", f"data.val_manifest={root / val}",
-            f"data.classes={root / 'classes.txt'}", "data.generate_demo=false"]
+    return [
+        f"data.root={root}",
+        f"data.train_manifest={root / train}",
+        f"data.val_manifest={root / val}",
+        f"data.classes={root / 'classes.txt'}",
+        "data.generate_demo=false",
+    ]
 
 
 def _miles(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "miles", *args], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "miles", *args], capture_output=True, text=True, env=env, timeout=300
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"miles {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
@@ -67,16 +74,32 @@ def test_smoke_run_end_to_end(smoke_data: Path, tmp_path: Path) -> None:
 
     # `miles eval` on the final checkpoint reproduces the run's own final numbers.
     out = tmp_path / "eval.json"
-    _miles("eval", "--checkpoint", str(ckpts[-1]), "--data", str(smoke_data / "val.csv"),
-           "--classes", str(smoke_data / "classes.txt"), "--out", str(out))
+    _miles(
+        "eval",
+        "--checkpoint",
+        str(ckpts[-1]),
+        "--data",
+        str(smoke_data / "val.csv"),
+        "--classes",
+        str(smoke_data / "classes.txt"),
+        "--out",
+        str(out),
+    )
     again = json.loads(out.read_text())
     assert again["t2v"] == metrics["t2v"] and again["v2t"] == metrics["v2t"]
     assert again["zeroshot"] == metrics["zeroshot"]
 
 
 def test_resume_after_kill_reproduces_losses(smoke_data: Path, tmp_path: Path) -> None:
-    common = ["--preset", "smoke", *_data_overrides(smoke_data), "train.max_steps=8", "train.checkpoint_every=3",
-              "eval.before_training=false", "data.num_workers=1"]
+    common = [
+        "--preset",
+        "smoke",
+        *_data_overrides(smoke_data),
+        "train.max_steps=8",
+        "train.checkpoint_every=3",
+        "eval.before_training=false",
+        "data.num_workers=1",
+    ]
     full = tmp_path / "full"
     _miles("pretrain", "--out", str(full), *common)
     killed = tmp_path / "killed"
@@ -110,8 +133,16 @@ def test_bad_videos_are_skipped_counted_and_named(smoke_data: Path, tmp_path: Pa
             for name in names:
                 writer.writerow([name, f"a broken clip {name}", "growing"])
     run = tmp_path / "run"
-    _miles("pretrain", "--preset", "smoke", "--out", str(run), *_data_overrides(data), "train.max_steps=8",
-           "eval.before_training=false")
+    _miles(
+        "pretrain",
+        "--preset",
+        "smoke",
+        "--out",
+        str(run),
+        *_data_overrides(data),
+        "train.max_steps=8",
+        "eval.before_training=false",
+    )
     metrics = json.loads((run / "metrics.json").read_text())
     val_bad = {str(data / n) for n in names}
     assert set(metrics["skipped_paths"]) >= val_bad  # every bad val video is named

@@ -79,11 +79,13 @@ def _unnormalize(x: torch.Tensor) -> torch.Tensor:
 
 def test_manifest_csv_tsv_jsonl(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
-    (tmp_path / "a.csv").write_text("video,caption,label\nclips/x.mp4,a cat,pets\n/abs/y.mp4,\"a, dog\",\n")
+    (tmp_path / "a.csv").write_text('video,caption,label\nclips/x.mp4,a cat,pets\n/abs/y.mp4,"a, dog",\n')
     (tmp_path / "sub" / "b.tsv").write_text("video\tcaption\nx.mp4\ta cat, sitting\n")
     (tmp_path / "c.jsonl").write_text(
-        json.dumps({"video": "v/z.webm", "caption": "rain", "label": "weather"}) + "\n\n"
-        + json.dumps({"video": "w.jpg", "caption": "sun"}) + "\n"
+        json.dumps({"video": "v/z.webm", "caption": "rain", "label": "weather"})
+        + "\n\n"
+        + json.dumps({"video": "w.jpg", "caption": "sun"})
+        + "\n"
     )
     csv_entries = read_manifest(tmp_path / "a.csv")
     assert csv_entries == [
@@ -243,10 +245,12 @@ def test_decode_demo_clip_every_frame(demo_dir: Path) -> None:
 def _write_clip(path: Path, frames: int, faststart: bool = False) -> np.ndarray:
     # Smooth content that changes per frame, so the encoder keeps it and frames are told apart.
     yy, xx = np.mgrid[0:32, 0:32]
-    pixels = np.stack([
-        np.stack([(xx * 4 + t * 9) % 256, (yy * 4) % 256, np.full_like(xx, (t * 10) % 256)], axis=-1)
-        for t in range(frames)
-    ]).astype(np.uint8)
+    pixels = np.stack(
+        [
+            np.stack([(xx * 4 + t * 9) % 256, (yy * 4) % 256, np.full_like(xx, (t * 10) % 256)], axis=-1)
+            for t in range(frames)
+        ]
+    ).astype(np.uint8)
     options = {"movflags": "faststart"} if faststart else {}
     with av.open(str(path), "w", format="mp4", options=options) as container:
         stream = container.add_stream("libx264", rate=8)
@@ -444,8 +448,9 @@ def test_sampler_covers_every_index_once_across_ranks() -> None:
         assert lists[0] != sorted(lists[0])  # shuffled
     dropped = [list(ShardedEpochSampler(23, rank=r, world_size=2, drop_last=True)) for r in range(2)]
     assert len(dropped[0]) == len(dropped[1]) == 11 and not set(dropped[0]) & set(dropped[1])
-    ordered = [list(ShardedEpochSampler(5, rank=r, world_size=2, shuffle=False, drop_last=False))
-               for r in range(2)]
+    ordered = [
+        list(ShardedEpochSampler(5, rank=r, world_size=2, shuffle=False, drop_last=False)) for r in range(2)
+    ]
     assert ordered == [[0, 2, 4], [1, 3, 0]]
 
 

@@ -51,7 +51,9 @@ def test_released_zero_time_init_is_a_no_op_branch() -> None:
     assert blk.attn(x, 4, "space").abs().max().item() > 0.0
 
 
-def _dense_divided_attention(layer: DividedAttention, x: torch.Tensor, frames: int, along: str) -> torch.Tensor:
+def _dense_divided_attention(
+    layer: DividedAttention, x: torch.Tensor, frames: int, along: str
+) -> torch.Tensor:
     """Per-query loops written from the definition: CLS sees all; others see CLS + their time/space line."""
     b, t, d = x.shape
     h = layer.num_heads
@@ -63,7 +65,11 @@ def _dense_divided_attention(layer: DividedAttention, x: torch.Tensor, frames: i
             keys = list(range(t))
         else:
             f, p = divmod(i - 1, n)
-            line = [1 + ff * n + p for ff in range(frames)] if along == "time" else [1 + f * n + pp for pp in range(n)]
+            line = (
+                [1 + ff * n + p for ff in range(frames)]
+                if along == "time"
+                else [1 + f * n + pp for pp in range(n)]
+            )
             keys = [0] + line
         w = (q[:, :, i : i + 1] @ k[:, :, keys].transpose(-1, -2) * (d // h) ** -0.5).softmax(-1)
         out[:, :, i] = (w @ v[:, :, keys])[:, :, 0]
