@@ -67,6 +67,7 @@ class MVMConfig:
     mode: str = "bert"
     mask_ratio: float = 0.5
     block_min_area: int = 4
+    contrastive_input: str = "full"  # full: contrastive on an unmasked pass | masked: reuse the MVM pass
     weight: float = 1.0
     loss: str = "mse"  # mse | smooth_l1
     normalize_target: bool = True
@@ -260,6 +261,11 @@ def validate(cfg: Config, *, check_files: bool = False) -> None:
     _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _require(0.0 <= v.mask_ratio < 1.0, "mvm.mask_ratio", f"must be in [0, 1), got {v.mask_ratio}")
     _require(v.mode in ("bert",), "mvm.mode", f"must be 'bert', got '{v.mode}'")
+    _require(
+        v.contrastive_input in ("full", "masked"),
+        "mvm.contrastive_input",
+        f"must be 'full' or 'masked', got '{v.contrastive_input}'",
+    )
     _require(v.loss in ("mse", "smooth_l1"), "mvm.loss", f"must be 'mse' or 'smooth_l1', got '{v.loss}'")
     _require(v.snapshot in ("ema", "copy"), "mvm.snapshot", f"must be 'ema' or 'copy', got '{v.snapshot}'")
     _require(0.0 <= v.ema_momentum <= 1.0, "mvm.ema_momentum", f"must be in [0, 1], got {v.ema_momentum}")

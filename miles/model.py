@@ -59,6 +59,10 @@ class MilesModel(nn.Module):
             if v.enabled
             else None
         )
+        if not v.enabled or v.mask_ratio == 0:
+            self.video_model.mask_token.requires_grad_(
+                False
+            )  # never used: DDP needs every trained param used
         self.contrastive = NormSoftmaxLoss(cfg.train.temperature)
         self.mvm_cfg = v
 
@@ -80,13 +84,16 @@ class MilesModel(nn.Module):
         """One pre-training step's losses.
 
         `mask` [B, N] hides tubes (`bert` mode: mask token at hidden patches, full grid through the
-        encoder); the contrastive loss uses the CLS of that same masked pass, so MVM costs no extra
-        encoder pass. `targets` are the snapshot encoder's features of the unmasked video, [B, F, N, D].
+        encoder). The contrastive loss takes the CLS of the unmasked clip from a second pass
+        (`mvm.contrastive_input=full`, what evaluation sees) or of the masked pass itself (`masked`,
+        FLIP-style: no extra pass, but a train/test gap). `targets` are the snapshot encoder's
+        features of the unmasked video, [B, F, N, D].
         """
         features = self.video_model.forward_features(video, mask)
-        contrastive = self.contrastive(
-            self.vid_proj(features.cls), self.encode_text(input_ids, attention_mask)
-        )
+        clip = features.cls
+        if mask is not None and self.mvm_cfg.contrastive_input == "full":
+            clip = self.video_model(video)  # a second pass on the unmasked clip, as at evaluation
+        contrastive = self.contrastive(self.vid_proj(clip), self.encode_text(input_ids, attention_mask))
         mvm = contrastive.new_zeros(())
         if self.predictor is not None and mask is not None and targets is not None and bool(mask.any()):
             b, n = mask.shape

@@ -73,6 +73,8 @@ def build_text_encoder(name: str) -> tuple[nn.Module, PreTrainedTokenizerBase, i
                 name,
                 type(model).__name__,
             )
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None  # the CLS token is used directly; an unused pooler would stall DDP's reduction
     hidden = int(getattr(model.config, "hidden_size", getattr(model.config, "dim", 0)))
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(

@@ -150,3 +150,19 @@ def test_bad_videos_are_skipped_counted_and_named(smoke_data: Path, tmp_path: Pa
     assert all(p in val_bad for p in metrics["skipped_paths"])
     # evaluation left them out rather than scoring black clips
     assert json.loads((run / "metrics.json").read_text())["chance"]["R1"] == pytest.approx(100 / 12)
+
+
+def test_two_process_torchrun_smoke(smoke_data: Path, tmp_path: Path) -> None:
+    """DDP on gloo: both ranks train in step and rank 0 writes the metrics of the 2-process run."""
+    run = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "miles",
+           "pretrain", "--preset", "smoke", "--out", str(run), *_data_overrides(smoke_data),
+           "train.batch_size=4", "eval.before_training=false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    log = _losses(run)
+    assert [s for s, _, _ in log] == list(range(1, 7))
+    assert all(mvm > 0 for _, _, mvm in log)
