@@ -142,6 +142,15 @@ def evaluate(
     return result
 
 
+def chance_column(chance: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Chance levels shaped like a metrics dict, for a column of `format_table`."""
+    return {
+        "t2v": {"R1": chance["R1"]},
+        "v2t": {"R1": chance["R1"]},
+        "zeroshot": {"top1": chance.get("top1")},
+    }
+
+
 def format_table(columns: dict[str, dict[str, Any]]) -> str:
     """Side-by-side table of metric dicts (e.g. untrained / trained / chance)."""
     rows: list[tuple[str, list[str]]] = []

@@ -16,7 +16,7 @@ from data_dali.manifest import read_manifest
 from miles import checkpoint as ckpt
 from miles.config import Config, ConfigError, check_data_files
 from miles.distributed import barrier, init_distributed
-from miles.evaluate import evaluate, format_table, read_classes
+from miles.evaluate import chance_column, evaluate, format_table, read_classes
 from miles.model import MilesModel
 from miles.train import Trainer, seed_everything, write_config
 
@@ -68,10 +68,13 @@ def run_pretraining(cfg: Config, out_dir: Path, resume: bool = False) -> dict[st
     if main:
         write_config(cfg, out_dir)
         log.info(
-            "preset %s | masking mode %s, ratio %.2f | %d train / %d val rows | %d process(es) on %s",
+            "preset %s | masking mode %s, ratio %.2f, contrastive on %s clips | attention %s | "
+            "data loader: PyAV reference | %d train / %d val rows | %d process(es) on %s",
             cfg.preset,
             cfg.mvm.mode,
             cfg.mvm.mask_ratio,
+            cfg.mvm.contrastive_input,
+            cfg.model.attention,
             len(train_entries),
             len(val_entries),
             dist.world_size,
@@ -118,13 +121,7 @@ def run_pretraining(cfg: Config, out_dir: Path, resume: bool = False) -> dict[st
         }
         _write_json(metrics_path, result)
         chance = trained["chance"]
-        columns = {
-            "chance": {
-                "t2v": {"R1": chance["R1"]},
-                "v2t": {"R1": chance["R1"]},
-                "zeroshot": {"top1": chance.get("top1")},
-            }
-        }
+        columns = {"chance": chance_column(chance)}
         if untrained:
             columns["untrained"] = untrained
         columns["trained"] = trained
@@ -183,11 +180,7 @@ def run_eval(
     print(
         format_table(
             {
-                "chance": {
-                    "t2v": {"R1": chance["R1"]},
-                    "v2t": {"R1": chance["R1"]},
-                    "zeroshot": {"top1": chance.get("top1")},
-                },
+                "chance": chance_column(chance),
                 "model": result,
             }
         )

@@ -141,6 +141,7 @@ def test_bad_videos_are_skipped_counted_and_named(smoke_data: Path, tmp_path: Pa
         str(run),
         *_data_overrides(data),
         "train.max_steps=8",
+        "train.grad_accum=2",  # also exercises accumulation
         "eval.before_training=false",
     )
     metrics = json.loads((run / "metrics.json").read_text())
