@@ -23,14 +23,16 @@ def attend(
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over the last two dims; any leading batch dims."""
     if backend == "sdpa":
+        # Every sequence goes on the batch axis with one head: fused CUDA kernels cap the head axis at
+        # 65535, while torch splits an oversized batch axis itself.
         lead = q.shape[:-2]
         out = F.scaled_dot_product_attention(
-            q.reshape(-1, *q.shape[-2:]).unsqueeze(0),
-            k.reshape(-1, *k.shape[-2:]).unsqueeze(0),
-            v.reshape(-1, *v.shape[-2:]).unsqueeze(0),
+            q.reshape(-1, 1, *q.shape[-2:]),
+            k.reshape(-1, 1, *k.shape[-2:]),
+            v.reshape(-1, 1, *v.shape[-2:]),
             dropout_p=dropout_p,
         )
-        return out.squeeze(0).reshape(*lead, *out.shape[-2:])
+        return out.reshape(*lead, *out.shape[-2:])
     if backend == "reference":
         scale = q.shape[-1] ** -0.5
         sim = torch.einsum("...id,...jd->...ij", q * scale, k)

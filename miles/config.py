@@ -279,6 +279,17 @@ def validate(cfg: Config, *, check_files: bool = False) -> None:
     _require(v.predictor_depth >= 1, "mvm.predictor_depth", "must be at least 1")
     _require(v.block_min_area >= 1, "mvm.block_min_area", "must be at least 1")
     _require(t.batch_size >= 2, "train.batch_size", "must be at least 2 (contrastive negatives)")
+    _require(t.grad_clip > 0, "train.grad_clip", f"must be > 0 (the max gradient norm), got {t.grad_clip}")
+    _require(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    _require(t.threads >= 0, "train.threads", f"must be >= 0 (0 = torch's default), got {t.threads}")
+    _require(t.crash_at_step >= 0, "train.crash_at_step", "must be >= 0")
+    patches = (m.img_size // max(1, m.patch_size)) ** 2
+    _require(
+        not v.enabled or round(v.mask_ratio * patches) >= 1,
+        "mvm.mask_ratio",
+        f"{v.mask_ratio} hides no patch of the {patches}-patch grid while mvm.enabled=true; "
+        "raise it or set mvm.enabled=false",
+    )
     _require(t.grad_accum >= 1, "train.grad_accum", "must be at least 1")
     _require(t.max_steps >= 1, "train.max_steps", "must be at least 1")
     _require(t.lr > 0 and t.text_lr >= 0, "train.lr", "learning rates must be positive")

@@ -13,6 +13,10 @@ __all__ = ["NormSoftmaxLoss", "masked_feature_loss", "MASKED_FEATURE_LOSS_KINDS"
 MASKED_FEATURE_LOSS_KINDS = ("mse", "smooth_l1")
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 class NormSoftmaxLoss(nn.Module):
     """Symmetric InfoNCE over cosine similarities, with negatives from the global (all-rank) batch.
 
@@ -39,11 +43,13 @@ class NormSoftmaxLoss(nn.Module):
                 f"expected two [B, D] embeddings of one shape, got {tuple(video_emb.shape)} "
                 f"and {tuple(text_emb.shape)}"
             )
-        v = gather_with_local_grad(F.normalize(video_emb, dim=-1))
-        t = gather_with_local_grad(F.normalize(text_emb, dim=-1))
-        logits = v @ t.t() / self.temperature
-        target = torch.arange(logits.shape[0], device=logits.device)
-        return F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)
+        # fp32 even under bf16 autocast: cosines / 0.05 would carry about 0.1 of logit noise in bf16.
+        with torch.autocast(video_emb.device.type, enabled=False):
+            v = gather_with_local_grad(F.normalize(_at_least_fp32(video_emb), dim=-1))
+            t = gather_with_local_grad(F.normalize(_at_least_fp32(text_emb), dim=-1))
+            logits = v @ t.t() / self.temperature
+            target = torch.arange(logits.shape[0], device=logits.device)
+            return F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}"
@@ -71,7 +77,7 @@ def masked_feature_loss(
     target = target.detach()
     if normalize_target:
         target = F.layer_norm(target, target.shape[-1:], eps=1e-6)
-    target = target.to(pred.dtype)
+    pred, target = _at_least_fp32(pred), _at_least_fp32(target)  # fp32 also under bf16 autocast
     if kind == "mse":
         return F.mse_loss(pred, target)
     return F.smooth_l1_loss(pred, target)
