@@ -24,6 +24,11 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
@@ -39,8 +44,12 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def prune(folder: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints; remove temporaries left by killed writes."""
     for _, path in list_checkpoints(folder)[:-keep]:
         path.unlink(missing_ok=True)
+    for stale in folder.glob(".step_*.pt.tmp*"):
+        if not stale.name.endswith(f".tmp{os.getpid()}"):
+            stale.unlink(missing_ok=True)
 
 
 def load(path: Path) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from data_dali.manifest import ManifestError
 from miles.config import ConfigError, available_presets, build_config, check_data_files
 
 
@@ -67,8 +68,11 @@ def main(argv: list[str] | None = None) -> int:
             from miles.pretrain import run_eval
 
             run_eval(args.checkpoint, args.data, args.out, args.classes, args.overrides)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, ManifestError, FileNotFoundError, ValueError, RuntimeError) as err:
+        if os.environ.get("MILES_TRACEBACK"):
+            raise
         print(f"miles: error: {err}", file=sys.stderr)
+        print("(set MILES_TRACEBACK=1 for the full traceback)", file=sys.stderr)
         return 2
     return 0
 

@@ -6,6 +6,7 @@ them unconditionally.
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -69,7 +70,8 @@ def init_distributed() -> DistInfo:
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if launched and dist.is_available() and not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
-        kwargs: dict[str, Any] = {"backend": backend}
+        # Rank 0 evaluates alone while the others wait in a barrier: allow for a long evaluation.
+        kwargs: dict[str, Any] = {"backend": backend, "timeout": datetime.timedelta(hours=2)}
         if use_cuda:
             kwargs["device_id"] = device
         dist.init_process_group(**kwargs)

@@ -15,6 +15,7 @@ import kernels
 from miles.config import Config
 from miles.losses import NormSoftmaxLoss, masked_feature_loss
 from miles.predictor import MaskedFeaturePredictor
+from miles.pretrained import load_video_weights
 from miles.text_encoder import build_text_encoder, text_cls
 from miles.video_encoder import SpaceTimeTransformer
 
@@ -42,6 +43,8 @@ class MilesModel(nn.Module):
             time_init=m.time_init,
             attention=m.attention,
         )
+        if m.video_weights:
+            load_video_weights(self.video_model, m.video_weights)
         self.text_model, self.tokenizer, text_dim = build_text_encoder(m.text_model)
         self.txt_proj = nn.Sequential(nn.ReLU(), nn.Linear(text_dim, m.projection_dim))
         self.vid_proj = nn.Sequential(nn.Linear(m.embed_dim, m.projection_dim))

@@ -18,7 +18,7 @@ from miles.config import Config, ConfigError, check_data_files
 from miles.distributed import barrier, init_distributed
 from miles.evaluate import chance_column, evaluate, format_table, read_classes
 from miles.model import MilesModel
-from miles.train import Trainer, seed_everything, write_config
+from miles.train import Trainer, seed_everything, truncate_log, write_config
 
 log = logging.getLogger("miles")
 
@@ -44,6 +44,25 @@ def _read(cfg: Config, path: str) -> list:
     )
 
 
+def _classes_for(cfg: Config, val_entries: list) -> list[str] | None:
+    """Zero-shot class names, checked against the validation labels before any training."""
+    if not cfg.data.classes:
+        return None
+    path = Path(cfg.data.classes)
+    if not path.is_file():
+        raise ConfigError(
+            f"config key 'data.classes': class list {path} does not exist; give one class name per line, "
+            "or data.classes='' to skip zero-shot evaluation"
+        )
+    classes = read_classes(path)
+    unknown = sorted({e.label for e in val_entries if e.label is not None and e.label not in classes})
+    if unknown:
+        raise ConfigError(
+            f"config key 'data.classes': labels {unknown[:5]} of the validation manifest are not in {path}"
+        )
+    return classes
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -60,11 +79,19 @@ def run_pretraining(cfg: Config, out_dir: Path, resume: bool = False) -> dict[st
     ensure_data(cfg, main)
     train_entries = _read(cfg, cfg.data.train_manifest)
     val_entries = _read(cfg, cfg.data.val_manifest)
-    classes = (
-        read_classes(Path(cfg.data.classes))
-        if cfg.data.classes and Path(cfg.data.classes).is_file()
-        else None
-    )
+    if len(train_entries) // dist.world_size < cfg.train.batch_size:
+        raise ConfigError(
+            f"config key 'train.batch_size': {cfg.train.batch_size} per process exceeds the "
+            f"{len(train_entries)} training rows shared by {dist.world_size} process(es); lower it"
+        )
+    classes = _classes_for(cfg, val_entries)
+    if main and not resume and out_dir.is_dir() and any(out_dir.iterdir()):
+        aside = out_dir.with_name(f"{out_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        out_dir.rename(aside)
+        log.warning(
+            "%s held an earlier run: moved it to %s (--resume continues a run instead)", out_dir, aside
+        )
+    barrier()
     if main:
         write_config(cfg, out_dir)
         log.info(
@@ -86,6 +113,8 @@ def run_pretraining(cfg: Config, out_dir: Path, resume: bool = False) -> dict[st
     latest = ckpt.latest_checkpoint(trainer.ckpt_dir) if resume else None
     if resume and latest is None:
         log.warning("--resume: no checkpoint in %s, starting from scratch", trainer.ckpt_dir)
+        if main:
+            truncate_log(trainer.log_path, 0)
     untrained = None
     metrics_path = out_dir / "metrics.json"
     if latest is not None:
@@ -174,6 +203,10 @@ def run_eval(
         caption_column=cfg.data.caption_column,
         label_column=cfg.data.label_column,
     )
+    if classes_path is None and any(e.label is not None for e in entries):
+        # labels but no --classes: the class list the checkpoint was trained with, if it is still there
+        trained_with = Path(cfg.data.classes) if cfg.data.classes else None
+        classes_path = trained_with if trained_with and trained_with.is_file() else None
     classes = read_classes(classes_path) if classes_path else None
     result = evaluate(model, entries, cfg, dist.device, classes)
     chance = result["chance"]

@@ -120,6 +120,11 @@ class BatchStream:
             try:
                 batch = next(self._iter)  # type: ignore[arg-type]
             except StopIteration:
+                if self.position.batches == 0:
+                    raise RuntimeError(
+                        "an epoch of the training loader yielded no batch: the manifest has fewer clips "
+                        "per process than train.batch_size"
+                    ) from None
                 self._iter = None
                 self.position.epoch += 1
                 self.position.batches = 0
@@ -141,6 +146,27 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# Keys that decide which clips, masks and batches follow a checkpoint: a resume must not change them.
+RESUME_KEYS = [
+    ("data", "train_manifest"),
+    ("data", "num_frames"),
+    ("data", "size"),
+    ("data", "hflip"),
+    ("train", "batch_size"),
+    ("train", "grad_accum"),
+    ("train", "seed"),
+    ("mvm", "mask_ratio"),
+]
+
+
+def _gather_objects(obj: Any) -> list[Any]:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
 
 
 class Trainer:
@@ -204,13 +230,13 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "data_position": {"epoch": self.state.position.epoch, "batches": self.state.position.batches},
             "skipped_videos": sorted(self.state.skipped),
-            "rng": _rng_state(),
+            "rng": _gather_objects(_rng_state()),  # one entry per rank
             "world_size": self.dist.world_size,
         }
 
     def save(self) -> Path:
         path = ckpt.checkpoint_path(self.ckpt_dir, self.state.step)
-        state = self.state_dict()  # every rank's RNG would differ; rank 0's is the one kept (see resume)
+        state = self.state_dict()  # collective: every rank contributes its RNG state
         if self.dist.rank == 0:
             ckpt.save_atomic(state, path)
             ckpt.prune(self.ckpt_dir, self.cfg.train.keep_checkpoints)
@@ -224,6 +250,14 @@ class Trainer:
                 f"checkpoint {path} was written by {state.get('world_size')} processes, this run has "
                 f"{self.dist.world_size}; the data position would not carry over exactly"
             )
+        saved = state.get("config", {})
+        for section, key in RESUME_KEYS:
+            before, now = saved.get(section, {}).get(key), getattr(getattr(self.cfg, section), key)
+            if before != now:
+                raise RuntimeError(
+                    f"config key '{section}.{key}' was {before!r} in checkpoint {path} and is {now!r} now; "
+                    "resume needs the same data order and batches: set it back or start a new --out"
+                )
         self.model.load_state_dict(state["model"])
         if self.snapshot is not None and state["snapshot"] is not None:
             self.snapshot.load_state_dict(state["snapshot"])
@@ -232,12 +266,9 @@ class Trainer:
         self.state.step = state["step"]
         self.state.position = DataPosition(**state["data_position"])
         self.state.skipped = set(state.get("skipped_videos", []))
-        if self.dist.world_size == 1:
-            _set_rng_state(state["rng"])
-        else:  # each rank continues from its own, reproducible, stream
-            seed_everything(self.cfg.train.seed + self.dist.rank + 7919 * self.state.step)
+        _set_rng_state(state["rng"][self.dist.rank])
         if self.dist.rank == 0:
-            _truncate_log(self.log_path, self.state.step)
+            truncate_log(self.log_path, self.state.step)
         log.info(
             "resumed from %s at step %d (epoch %d, batch %d)",
             path,
@@ -353,15 +384,24 @@ class Trainer:
             "train_seconds": wall,
             "clips_per_s": clips_done / max(wall, 1e-9),
             "final": last,
-            "skipped_videos": sorted(self.state.skipped),
+            "skipped_videos": sorted(set().union(*_gather_objects(self.state.skipped))),
         }
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (the killed run got further)."""
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (the killed run got further).
+
+    A fresh run truncates to step 0."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line torn by the kill
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
