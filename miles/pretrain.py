@@ -96,12 +96,13 @@ def run_pretraining(cfg: Config, out_dir: Path, resume: bool = False) -> dict[st
         write_config(cfg, out_dir)
         log.info(
             "preset %s | masking mode %s, ratio %.2f, contrastive on %s clips | attention %s | "
-            "data loader: PyAV reference | %d train / %d val rows | %d process(es) on %s",
+            "data loader: PyAV reference (data.backend=%s) | %d train / %d val rows | %d process(es) on %s",
             cfg.preset,
             cfg.mvm.mode,
             cfg.mvm.mask_ratio,
             cfg.mvm.contrastive_input,
             cfg.model.attention,
+            cfg.data.backend,
             len(train_entries),
             len(val_entries),
             dist.world_size,

@@ -42,6 +42,10 @@ def test_overrides_keep_types() -> None:
         ("train.max_step=3", "train.max_step"),
         ("nosuchsection.x=1", "nosuchsection"),
         ("data.num_frames=8", "data.num_frames"),
+        ("train.grad_clip=0", "train.grad_clip"),
+        ("train.weight_decay=-1", "train.weight_decay"),
+        ("mvm.mask_ratio=0.01", "mvm.mask_ratio"),
+        ("mvm.contrastive_input=both", "mvm.contrastive_input"),
     ],
 )
 def test_bad_values_name_the_key(override: str, key: str) -> None:

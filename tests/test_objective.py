@@ -20,8 +20,9 @@ def _model(*overrides: str) -> MilesModel:
 def _inputs(model: MilesModel, b: int = 4):
     torch.manual_seed(1)
     video = torch.randn(b, 2, 3, 32, 32)
-    tokens = model.tokenizer(["a red circle moves left", "a blue square grows"] * (b // 2), return_tensors="pt",
-                             padding=True)
+    tokens = model.tokenizer(
+        ["a red circle moves left", "a blue square grows"] * (b // 2), return_tensors="pt", padding=True
+    )
     mask, _ = kernels.tube_mask(b, model.video_model.grid_size, 0.5, seed=0)
     return video, tokens["input_ids"], tokens["attention_mask"], mask
 

@@ -157,9 +157,23 @@ def test_two_process_torchrun_smoke(smoke_data: Path, tmp_path: Path) -> None:
     """DDP on gloo: both ranks train in step and rank 0 writes the metrics of the 2-process run."""
     run = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "miles",
-           "pretrain", "--preset", "smoke", "--out", str(run), *_data_overrides(smoke_data),
-           "train.batch_size=4", "eval.before_training=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "miles",
+        "pretrain",
+        "--preset",
+        "smoke",
+        "--out",
+        str(run),
+        *_data_overrides(smoke_data),
+        "train.batch_size=4",
+        "eval.before_training=false",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = json.loads((run / "metrics.json").read_text())
@@ -167,3 +181,32 @@ def test_two_process_torchrun_smoke(smoke_data: Path, tmp_path: Path) -> None:
     log = _losses(run)
     assert [s for s, _, _ in log] == list(range(1, 7))
     assert all(mvm > 0 for _, _, mvm in log)
+
+
+def test_resume_guards_and_fresh_runs_move_old_ones_aside(smoke_data: Path, tmp_path: Path) -> None:
+    common = [
+        "--preset",
+        "smoke",
+        *_data_overrides(smoke_data),
+        "train.max_steps=3",
+        "eval.before_training=false",
+    ]
+    run = tmp_path / "run"
+    _miles("pretrain", "--out", str(run), *common)
+    # a resume that would change the batches is refused, naming the key, and leaves the run intact
+    proc = _miles("pretrain", "--out", str(run), "--resume", *common, "train.batch_size=4", check=False)
+    assert proc.returncode == 2 and "train.batch_size" in proc.stderr
+    assert [s for s, _, _ in _losses(run)] == [1, 2, 3]
+    # a torn last log line (a kill mid-write) does not stop a resume
+    with open(run / "log.jsonl", "a") as fh:
+        fh.write('{"step": 4, "loss": 1.')
+    _miles("pretrain", "--out", str(run), "--resume", *common, "train.max_steps=4")
+    assert [s for s, _, _ in _losses(run)] == [1, 2, 3, 4]
+    # a fresh run into the same folder moves the earlier one aside instead of mixing logs and checkpoints
+    _miles("pretrain", "--out", str(run), *common)
+    assert [s for s, _, _ in _losses(run)] == [1, 2, 3]
+    old = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(old) == 1 and [s for s, _, _ in _losses(old[0])] == [1, 2, 3, 4]
+    # more clips per process than the manifest holds is refused before training
+    proc = _miles("pretrain", "--out", str(tmp_path / "big"), *common, "train.batch_size=64", check=False)
+    assert proc.returncode == 2 and "train.batch_size" in proc.stderr
