@@ -1,24 +1,79 @@
 """Token-level operations of MILES pre-training, each behind one dispatch point.
 
 `impl="auto"` picks the fastest implementation available for the inputs; `impl="reference"` forces the
-plain PyTorch reference that every fast path is tested against.
+plain PyTorch reference that every fast path is tested against; `impl="triton"` forces the Triton kernels
+(`kernels/tokens_triton.py`).
+
+`auto` uses Triton when every tensor is on CUDA and triton imports, the reference otherwise (a CPU run
+never pays for the interpreter by accident). `impl="triton"` on CPU tensors runs the Triton interpreter and
+needs TRITON_INTERPRET=1 set before `kernels.tokens_triton` is first imported (triton decides at
+decoration time whether a kernel is interpreted; the module is imported lazily, on the first Triton call).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
 from kernels.tokens import drop_tokens_reference, restore_tokens_reference
 from kernels.tube_mask import hidden_indices, num_hidden, tube_mask_reference
 
-IMPLS = ("auto", "reference")
+IMPLS = ("auto", "reference", "triton")
+TUBE_MASK_IMPLS = ("auto", "reference")
 
-__all__ = ["tube_mask", "drop_tokens", "restore_tokens", "hidden_indices", "num_hidden", "IMPLS"]
+__all__ = [
+    "tube_mask",
+    "drop_tokens",
+    "restore_tokens",
+    "hidden_indices",
+    "num_hidden",
+    "IMPLS",
+    "TUBE_MASK_IMPLS",
+]
 
 
-def _check_impl(impl: str) -> None:
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+def _check_impl(impl: str, allowed: tuple[str, ...] = IMPLS) -> None:
+    if impl not in allowed:
+        raise ValueError(f"impl must be one of {allowed}, got {impl!r}")
+
+
+_TRITON_ERROR: str | None = None
+_TRITON_CHECKED = False
+
+
+def _triton_import_error() -> str | None:
+    """None when triton imports, else the import error (checked once)."""
+    global _TRITON_ERROR, _TRITON_CHECKED
+    if not _TRITON_CHECKED:
+        try:
+            import triton  # noqa: F401
+        except Exception as exc:  # ImportError, or a broken install raising something else
+            _TRITON_ERROR = f"{type(exc).__name__}: {exc}"
+        _TRITON_CHECKED = True
+    return _TRITON_ERROR
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _use_triton(impl: str, *tensors: torch.Tensor) -> bool:
+    """Whether the token ops run the Triton kernels for these inputs (impl already checked)."""
+    if impl == "reference":
+        return False
+    on_cuda = all(t.is_cuda for t in tensors)
+    if impl == "triton":
+        error = _triton_import_error()
+        if error is not None:
+            raise RuntimeError(f'impl="triton" needs the triton package, which failed to import ({error})')
+        if not (on_cuda or _interpreting()):
+            raise RuntimeError(
+                'impl="triton" needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter), got '
+                f"devices {sorted({str(t.device) for t in tensors})}"
+            )
+        return True
+    return on_cuda and _triton_import_error() is None
 
 
 def tube_mask(
@@ -33,7 +88,7 @@ def tube_mask(
     min_area: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mask [B, N] bool, True = hidden in every frame; visible [B, K] int64 sorted)."""
-    _check_impl(impl)
+    _check_impl(impl, TUBE_MASK_IMPLS)
     return tube_mask_reference(batch, grid, ratio, seed=seed, step=step, device=device, min_area=min_area)
 
 
@@ -41,6 +96,10 @@ def drop_tokens(
     x: torch.Tensor, visible: torch.Tensor, pos: torch.Tensor, time: torch.Tensor, *, impl: str = "auto"
 ) -> torch.Tensor:
     _check_impl(impl)
+    if _use_triton(impl, x, visible, pos, time):
+        from kernels.tokens_triton import drop_tokens_triton
+
+        return drop_tokens_triton(x, visible, pos, time)
     return drop_tokens_reference(x, visible, pos, time)
 
 
@@ -54,4 +113,8 @@ def restore_tokens(
     impl: str = "auto",
 ) -> torch.Tensor:
     _check_impl(impl)
+    if _use_triton(impl, y, visible, mask_token, pos, time):
+        from kernels.tokens_triton import restore_tokens_triton
+
+        return restore_tokens_triton(y, visible, mask_token, pos, time)
     return restore_tokens_reference(y, visible, mask_token, pos, time)
