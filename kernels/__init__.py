@@ -2,7 +2,7 @@
 
 `impl="auto"` picks the fastest implementation available for the inputs; `impl="reference"` forces the
 plain PyTorch reference that every fast path is tested against; `impl="triton"` forces the Triton kernels
-(`kernels/tokens_triton.py`).
+(`kernels/tokens_triton.py`, `kernels/tube_mask_triton.py`).
 
 `auto` uses Triton when every tensor is on CUDA and triton imports, the reference otherwise (a CPU run
 never pays for the interpreter by accident). `impl="triton"` on CPU tensors runs the Triton interpreter and
@@ -20,7 +20,7 @@ from kernels.tokens import drop_tokens_reference, restore_tokens_reference
 from kernels.tube_mask import hidden_indices, num_hidden, tube_mask_reference
 
 IMPLS = ("auto", "reference", "triton")
-TUBE_MASK_IMPLS = ("auto", "reference")
+TUBE_MASK_IMPLS = ("auto", "reference", "triton")
 
 __all__ = [
     "tube_mask",
@@ -89,6 +89,11 @@ def tube_mask(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mask [B, N] bool, True = hidden in every frame; visible [B, K] int64 sorted)."""
     _check_impl(impl, TUBE_MASK_IMPLS)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if _use_triton(impl, torch.empty(0, device=dev)):  # auto: CUDA + triton; triton: CUDA or interpreter
+        from kernels.tube_mask_triton import tube_mask_triton  # lazily: importing triton is not free
+
+        return tube_mask_triton(batch, grid, ratio, seed=seed, step=step, device=dev, min_area=min_area)
     return tube_mask_reference(batch, grid, ratio, seed=seed, step=step, device=device, min_area=min_area)
 
 

@@ -216,7 +216,7 @@ def test_triton_unavailable_and_bad_impl(monkeypatch: pytest.MonkeyPatch) -> Non
     with pytest.raises(ValueError, match="impl"):
         kernels.restore_tokens(y, visible, mask_token, pos, time, impl="fast")
     with pytest.raises(ValueError, match="impl"):
-        kernels.tube_mask(2, (4, 4), 0.5, seed=0, impl="triton")  # no tube_mask kernel yet
+        kernels.tube_mask(2, (4, 4), 0.5, seed=0, impl="fast")
     monkeypatch.setattr(kernels, "_triton_import_error", lambda: "ImportError: no triton")
     with pytest.raises(RuntimeError, match="triton package"):
         kernels.restore_tokens(y, visible, mask_token, pos, time, impl="triton")

@@ -1,0 +1,168 @@
+"""The Triton tube mask is bit-identical to the PyTorch reference (Triton interpreter on CPU)."""
+
+from __future__ import annotations
+
+import os
+
+_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: CPU tensors run through the interpreter
+
+import importlib  # noqa: E402
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+try:
+    import triton  # noqa: E402, F401
+except Exception as exc:  # pragma: no cover - depends on the environment
+    pytest.skip(f"triton cannot be imported: {exc}", allow_module_level=True)
+
+ref = importlib.import_module(
+    "kernels.tube_mask"
+)  # (the attribute kernels.tube_mask is the dispatch function)
+
+
+def _load_interpreted():
+    """A private copy of kernels/tube_mask_triton.py decorated now, while TRITON_INTERPRET=1.
+
+    triton wraps a kernel as interpreted or compiled when it is decorated, and another test module may have
+    imported triton or kernels.tube_mask_triton in compiled mode already; a separate copy leaves the real
+    module (used by kernels.tube_mask on CUDA) untouched.
+    """
+    name = "kernels.tube_mask_triton"
+    real = sys.modules.get(name)
+    if real is not None and type(real._tube_keys_kernel).__name__ == "InterpretedFunction":
+        return real
+    spec = importlib.util.find_spec(name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tmt = _load_interpreted()
+DEVICE = "cpu"
+
+# Decoration is done: put the variable back so that other test modules keep their own defaults.
+if _PREVIOUS_INTERPRET is None:
+    del os.environ["TRITON_INTERPRET"]
+else:
+    os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TRITON_INTERPRET=1 around each test: triton reads it again at the first launch (a lazy import)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _check(batch: int, grid: tuple[int, int], ratio: float, seed: int, step: int, min_area: int = 4) -> None:
+    kwargs = dict(seed=seed, step=step, min_area=min_area, device=DEVICE)
+    mask_ref, vis_ref = ref.tube_mask_reference(batch, grid, ratio, **kwargs)
+    mask, vis = tmt.tube_mask_triton(batch, grid, ratio, **kwargs)
+    assert mask.dtype == torch.bool and mask.shape == mask_ref.shape
+    assert vis.dtype == torch.int64 and vis.shape == vis_ref.shape
+    assert torch.equal(mask, mask_ref), (batch, grid, ratio, seed, step, min_area)
+    assert torch.equal(vis, vis_ref), (batch, grid, ratio, seed, step, min_area)
+
+
+def test_hash32_matches_reference() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat(
+        [
+            torch.arange(0, 4096),
+            torch.randint(0, 2**32, (8192,), generator=g),
+            torch.tensor([2**16 - 1, 2**16, 2**31 - 1, 2**31, 2**31 + 5, 2**32 - 2, 2**32 - 1]),
+        ]
+    )
+    x = x.to(DEVICE)
+    assert torch.equal(tmt.hash32_triton(x), ref.hash32(x))
+
+
+def test_host_base_matches_counter_hash() -> None:
+    sample = torch.arange(5)
+    counter = torch.arange(5) * 7
+    for seed, step in [(0, 0), (1, 2), (2**31 + 5, 10**9), (2**32 + 1, 2**32 - 1), (-3, 12345)]:
+        base = torch.tensor(tmt._base(seed, step))
+        expected = ref.counter_hash(seed, step, sample, counter)
+        assert torch.equal(ref.hash32(ref.hash32(base ^ sample) ^ counter), expected)
+
+
+def test_isqrt_matches_reference() -> None:
+    x = torch.cat([torch.arange(0, 5000), torch.arange(0, 70) ** 2 - 1, torch.tensor([2**32 - 1, 2**40 + 3])])
+    x = x.clamp(min=0).to(DEVICE)
+    assert torch.equal(tmt.isqrt_triton(x), ref._isqrt(x))
+
+
+GRIDS = [(14, 14), (7, 7), (8, 8), (7, 9), (1, 5), (9, 7), (16, 16)]
+RATIOS = [0.1, 0.5, 0.75, 0.9]
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_bit_identical_small_grids(grid: tuple[int, int], ratio: float) -> None:
+    for seed, step in [(0, 0), (2**31 + 5, 10**9), (2**32 + 1, 3)]:
+        _check(3, grid, ratio, seed, step)
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.5, 0.75, 0.9])
+def test_bit_identical_large_grid(ratio: float) -> None:
+    _check(2, (32, 32), ratio, seed=7, step=123456789)
+
+
+@pytest.mark.parametrize("seed,step", [(0, 0), (1, 1), (2**31 + 5, 10**9), (2**32 + 1, 999_999_937), (-1, 5)])
+def test_bit_identical_seeds_and_steps(seed: int, step: int) -> None:
+    _check(4, (14, 14), 0.75, seed, step)
+    _check(2, (7, 9), 0.5, seed, step)
+
+
+@pytest.mark.parametrize("min_area", [1, 4, 16])
+def test_bit_identical_min_area(min_area: int) -> None:
+    _check(3, (14, 14), 0.6, seed=11, step=2, min_area=min_area)
+    _check(3, (3, 4), 0.4, seed=11, step=2, min_area=min_area)
+
+
+def test_ratio_zero_and_all_hidden() -> None:
+    _check(3, (4, 5), 0.0, seed=0, step=0)
+    _check(2, (14, 14), 0.0, seed=5, step=9)
+    _check(2, (1, 5), 0.95, seed=1, step=1)  # round(0.95 * 5) = 5: every position hidden, K = 0
+
+
+def test_invalid_arguments_raise() -> None:
+    with pytest.raises(ValueError):
+        tmt.tube_mask_triton(2, (4, 4), 1.0, seed=0)
+    with pytest.raises(ValueError):
+        tmt.tube_mask_triton(0, (4, 4), 0.5, seed=0)
+
+
+def test_dispatch_triton_matches_reference() -> None:
+    kernels = importlib.import_module("kernels")
+    if "triton" not in getattr(kernels, "TUBE_MASK_IMPLS", getattr(kernels, "IMPLS", ())):
+        pytest.skip('kernels.tube_mask has no impl="triton" yet')
+    real = importlib.import_module("kernels.tube_mask_triton")
+    if type(real._tube_keys_kernel).__name__ == "InterpretedFunction":
+        device = "cpu"
+    elif torch.cuda.is_available():
+        device = "cuda"
+    else:
+        pytest.skip("kernels.tube_mask_triton was imported in compiled mode and there is no GPU")
+    for grid, ratio in [((14, 14), 0.75), ((7, 9), 0.5), ((4, 5), 0.0)]:
+        got = kernels.tube_mask(3, grid, ratio, seed=9, step=4, device=device, impl="triton")
+        want = ref.tube_mask_reference(3, grid, ratio, seed=9, step=4, device=device)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_compiled_matches_reference() -> None:
+    real = importlib.import_module("kernels.tube_mask_triton")
+    if type(real._tube_keys_kernel).__name__ == "InterpretedFunction":
+        pytest.skip("kernels.tube_mask_triton was imported under the interpreter in this process")
+    for grid, ratio, seed, step in [
+        ((14, 14), 0.75, 0, 0),
+        ((32, 32), 0.9, 2**32 + 1, 10**9),
+        ((7, 9), 0.5, 5, 3),
+    ]:
+        got = real.tube_mask_triton(8, grid, ratio, seed=seed, step=step, device="cuda")
+        want = ref.tube_mask_reference(8, grid, ratio, seed=seed, step=step, device="cuda")
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
