@@ -64,7 +64,10 @@ class ModelConfig:
 @dataclass
 class MVMConfig:
     enabled: bool = True
-    mode: str = "bert"
+    mode: str = "bert"  # bert: mask token, full grid through the encoder | drop: visible tubes only
+    kernels: str = (
+        "auto"  # tube_mask / drop_tokens / restore_tokens implementation: auto | reference | triton
+    )
     mask_ratio: float = 0.5
     block_min_area: int = 4
     contrastive_input: str = "full"  # full: contrastive on an unmasked pass | masked: reuse the MVM pass
@@ -260,7 +263,12 @@ def validate(cfg: Config, *, check_files: bool = False) -> None:
     )
     _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _require(0.0 <= v.mask_ratio < 1.0, "mvm.mask_ratio", f"must be in [0, 1), got {v.mask_ratio}")
-    _require(v.mode in ("bert",), "mvm.mode", f"must be 'bert', got '{v.mode}'")
+    _require(v.mode in ("bert", "drop"), "mvm.mode", f"must be 'bert' or 'drop', got '{v.mode}'")
+    _require(
+        v.kernels in ("auto", "reference", "triton"),
+        "mvm.kernels",
+        f"must be 'auto', 'reference' or 'triton', got '{v.kernels}'",
+    )
     _require(
         v.contrastive_input in ("full", "masked"),
         "mvm.contrastive_input",

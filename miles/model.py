@@ -62,7 +62,7 @@ class MilesModel(nn.Module):
             if v.enabled
             else None
         )
-        if not v.enabled or v.mask_ratio == 0:
+        if not v.enabled or v.mask_ratio == 0 or v.mode == "drop":
             self.video_model.mask_token.requires_grad_(
                 False
             )  # never used: DDP needs every trained param used
@@ -83,25 +83,34 @@ class MilesModel(nn.Module):
         attention_mask: torch.Tensor,
         mask: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
+        visible: torch.Tensor | None = None,
     ) -> StepOutput:
         """One pre-training step's losses.
 
-        `mask` [B, N] hides tubes (`bert` mode: mask token at hidden patches, full grid through the
-        encoder). The contrastive loss takes the CLS of the unmasked clip from a second pass
-        (`mvm.contrastive_input=full`, what evaluation sees) or of the masked pass itself (`masked`,
-        FLIP-style: no extra pass, but a train/test gap). `targets` are the snapshot encoder's
-        features of the unmasked video, [B, F, N, D].
+        `mask` [B, N] hides tubes, the same positions in every frame; `visible` [B, K] lists the others.
+        `bert` mode puts a mask token at hidden patches and runs the full grid through the encoder;
+        `drop` mode runs only the visible tubes and lets the predictor restore the grid. The contrastive
+        loss takes the CLS of the unmasked clip from a second pass (`mvm.contrastive_input=full`, what
+        evaluation sees) or of the masked pass itself (`masked`, FLIP-style: no extra pass, but a
+        train/test gap). `targets` are the snapshot encoder's features of the unmasked video, [B, F, N, D].
         """
-        features = self.video_model.forward_features(video, mask)
+        impl = self.mvm_cfg.kernels
+        drop = mask is not None and self.mvm_cfg.mode == "drop"
+        if drop:
+            if visible is None:
+                raise ValueError("drop mode needs the visible positions (kernels.tube_mask returns them)")
+            features = self.video_model.forward_visible(video, visible, impl)
+        else:
+            features = self.video_model.forward_features(video, mask)
         clip = features.cls
         if mask is not None and self.mvm_cfg.contrastive_input == "full":
             clip = self.video_model(video)  # a second pass on the unmasked clip, as at evaluation
         contrastive = self.contrastive(self.vid_proj(clip), self.encode_text(input_ids, attention_mask))
         mvm = contrastive.new_zeros(())
-        if self.predictor is not None and mask is not None and targets is not None and bool(mask.any()):
+        if self.predictor is not None and mask is not None and targets is not None:
             b, n = mask.shape
-            everything = torch.arange(n, device=mask.device).expand(b, n)
-            pred = self.predictor(features, everything)  # [B, F, N, D]
+            on_grid = visible if drop else torch.arange(n, device=mask.device).expand(b, n)
+            pred = self.predictor(features, on_grid, impl)  # [B, F, N, D]
             hidden = kernels.hidden_indices(mask)  # [B, M]
             pred_h = _gather_positions(pred, hidden)
             target_h = _gather_positions(targets, hidden)

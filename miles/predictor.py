@@ -41,10 +41,12 @@ class MaskedFeaturePredictor(nn.Module):
             trunc_normal_(tensor, std=0.02)
         self.apply(_init_weights)
 
-    def forward(self, features: VideoFeatures, visible: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: VideoFeatures, visible: torch.Tensor, impl: str = "auto") -> torch.Tensor:
         """features.patches [B, F, K, D] at `visible` [B, K] -> predictions [B, F, N, target_dim]."""
         y = self.embed(features.patches)
-        grid = kernels.restore_tokens(y, visible, self.mask_token, self.pos_embed, self.temporal_embed)
+        grid = kernels.restore_tokens(
+            y, visible, self.mask_token, self.pos_embed, self.temporal_embed, impl=impl
+        )
         b, f = grid.shape[:2]
         x = torch.cat([self.embed(features.cls)[:, None], grid.flatten(1, 2)], dim=1)
         for blk in self.blocks:

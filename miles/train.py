@@ -283,10 +283,10 @@ class Trainer:
         video = batch["video"].to(self.device, non_blocking=True)
         input_ids = batch["input_ids"].to(self.device, non_blocking=True)
         attention_mask = batch["attention_mask"].to(self.device, non_blocking=True)
-        mask = targets = None
+        mask = targets = visible = None
         with autocast_context(self.device, cfg.train.precision):
             if self.snapshot is not None and cfg.mvm.mask_ratio > 0:
-                mask, _ = kernels.tube_mask(
+                mask, visible = kernels.tube_mask(
                     video.shape[0],
                     self.model.video_model.grid_size,
                     cfg.mvm.mask_ratio,
@@ -294,9 +294,10 @@ class Trainer:
                     step=micro_index,
                     device=self.device,
                     min_area=cfg.mvm.block_min_area,
+                    impl=cfg.mvm.kernels,
                 )
                 targets = self.snapshot.targets(video)
-            out = self.ddp(video, input_ids, attention_mask, mask, targets)
+            out = self.ddp(video, input_ids, attention_mask, mask, targets, visible)
         (out.loss / cfg.train.grad_accum).backward()
         return float(out.loss.detach()), float(out.contrastive), float(out.mvm)
 

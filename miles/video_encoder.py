@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 
+import kernels
 from miles.attention import DividedAttention
 
 
@@ -118,6 +119,26 @@ class SpaceTimeTransformer(nn.Module):
         x = x + self.pos_embed[:, None, 1:] + self.temporal_embed[:, :f, None]
         cls = self.cls_token + self.pos_embed[:, :1]
         return torch.cat([cls.expand(b, -1, -1), x.flatten(1, 2)], dim=1)
+
+    def embed_visible(self, video: torch.Tensor, visible: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+        """video [B, F, 3, H, W] -> tokens [B, 1 + F*K, D] of the visible tubes only (`drop` mode).
+
+        `kernels.drop_tokens` gathers the `visible` [B, K] positions of every frame and adds the spatial
+        and temporal embeddings in one pass; hidden tubes never enter the encoder.
+        """
+        b, f = video.shape[:2]
+        if f > self.num_frames:
+            raise ValueError(f"{f} frames exceed the model's {self.num_frames} temporal embeddings")
+        x = self.patch_embed(video.flatten(0, 1)).reshape(b, f, self.patches_per_frame, self.embed_dim)
+        x = kernels.drop_tokens(x, visible, self.pos_embed[0, 1:], self.temporal_embed[0], impl=impl)
+        cls = self.cls_token + self.pos_embed[:, :1]
+        return torch.cat([cls.expand(b, -1, -1).to(x.dtype), x.flatten(1, 2)], dim=1)
+
+    def forward_visible(
+        self, video: torch.Tensor, visible: torch.Tensor, impl: str = "auto"
+    ) -> VideoFeatures:
+        """Divided attention over the K visible positions per frame and F frames per position."""
+        return self.forward_tokens(self.embed_visible(video, visible, impl), video.shape[1])
 
     def forward_tokens(self, x: torch.Tensor, frames: int) -> VideoFeatures:
         for blk in self.blocks:

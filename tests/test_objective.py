@@ -77,3 +77,47 @@ def test_snapshot_ema_and_copy() -> None:
     assert all(torch.equal(s, o) for s, o in zip(copy.encoder.parameters(), online.parameters(), strict=True))
     ema.train()
     assert not ema.encoder.training  # targets never see dropout
+
+
+def test_drop_mode_encoder_on_all_positions_equals_the_full_grid() -> None:
+    model = _model()
+    video = torch.randn(2, 2, 3, 32, 32)
+    everything = torch.arange(16).expand(2, 16)
+    with torch.no_grad():
+        full = model.video_model.forward_features(video)
+        dropped = model.video_model.forward_visible(video, everything, impl="reference")
+    assert torch.allclose(full.cls, dropped.cls, atol=1e-5)
+    assert torch.allclose(full.last_hidden, dropped.last_hidden, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["bert", "drop"])
+def test_hidden_pixels_never_reach_the_masked_pass(mode: str) -> None:
+    """Both modes see nothing of the hidden tubes: changing those pixels changes no prediction."""
+    model = _model(f"mvm.mode={mode}", "mvm.contrastive_input=masked")
+    video, ids, am, mask = _inputs(model)
+    _, visible = kernels.tube_mask(4, model.video_model.grid_size, 0.5, seed=0)
+    targets = torch.randn(4, 2, 16, 64)
+    patches = mask.reshape(4, 4, 4).repeat_interleave(8, 1).repeat_interleave(8, 2)  # [B, 32, 32]
+    changed = video.clone()
+    changed[patches[:, None, None].expand_as(video)] = 5.0
+    with torch.no_grad():
+        a = model(video, ids, am, mask, targets, visible)
+        b = model(changed, ids, am, mask, targets, visible)
+    assert a.mvm.item() == pytest.approx(b.mvm.item(), rel=1e-6)
+    assert a.contrastive.item() == pytest.approx(b.contrastive.item(), rel=1e-6)
+
+
+def test_drop_mode_needs_visible_and_differs_from_bert() -> None:
+    drop = _model("mvm.mode=drop", "mvm.contrastive_input=masked")
+    bert = _model("mvm.mode=bert", "mvm.contrastive_input=masked")
+    bert.load_state_dict(drop.state_dict())
+    video, ids, am, mask = _inputs(drop)
+    _, visible = kernels.tube_mask(4, drop.video_model.grid_size, 0.5, seed=0)
+    targets = torch.randn(4, 2, 16, 64)
+    with pytest.raises(ValueError, match="visible"):
+        drop(video, ids, am, mask, targets)
+    with torch.no_grad():
+        d = drop(video, ids, am, mask, targets, visible)
+        b = bert(video, ids, am, mask, targets, visible)
+    assert torch.isfinite(d.loss) and d.mvm.item() > 0
+    assert abs(d.contrastive.item() - b.contrastive.item()) > 1e-4  # mask tokens vs no hidden tokens
