@@ -1,5 +1,8 @@
-"""The whole reference train step (bert-mode MILES: masking, snapshot targets, forward, backward, AdamW,
-EMA update) for the `demo` and `base` presets, on synthetic clips so that only the step is timed.
+"""The whole MILES train step (masking, snapshot targets, forward, backward, AdamW, EMA update) for the
+`demo` and `base` presets at mask ratio 0.75, on synthetic clips so that only the step is timed:
+the fast path (`drop` mode, kernels `auto`) against the reference path (`bert` mode, reference kernels),
+same inputs, same objective otherwise (contrastive on the masked pass in both, so the ratio measures
+token dropping alone).
 
 Reported per case in `extra_info`: clips/s and peak memory (CUDA max allocated, or CPU peak RSS).
 """
@@ -21,9 +24,16 @@ CPU_BATCH = {"demo": 32, "base": 2}
 GPU_BATCH = {"demo": 128, "base": 32}
 
 
-def _step_fn(preset: str, device: torch.device):
+PATHS = {
+    "reference": ["mvm.mode=bert", "mvm.kernels=reference"],
+    "fast": ["mvm.mode=drop", "mvm.kernels=auto"],
+}
+
+
+def _step_fn(preset: str, path: str, device: torch.device):
     batch = (GPU_BATCH if device.type == "cuda" else CPU_BATCH)[preset]
-    cfg = build_config(preset, overrides=[f"train.batch_size={batch}"])
+    overrides = [f"train.batch_size={batch}", "mvm.mask_ratio=0.75", "mvm.contrastive_input=masked"]
+    cfg = build_config(preset, overrides=overrides + PATHS[path])
     torch.manual_seed(0)
     model = MilesModel(cfg).to(device)
     snapshot = SnapshotEncoder(model.video_model, momentum=cfg.mvm.ema_momentum).to(device)
@@ -36,16 +46,17 @@ def _step_fn(preset: str, device: torch.device):
 
     def step() -> None:
         with autocast_context(device, "auto"):
-            mask, _ = tube_mask(
+            mask, visible = tube_mask(
                 batch,
                 model.video_model.grid_size,
                 cfg.mvm.mask_ratio,
                 seed=0,
                 step=state["step"],
                 device=device,
+                impl=cfg.mvm.kernels,
             )
             targets = snapshot.targets(video)
-            out = model(video, input_ids, attention_mask, mask, targets)
+            out = model(video, input_ids, attention_mask, mask, targets, visible)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -57,16 +68,18 @@ def _step_fn(preset: str, device: torch.device):
     return step, batch
 
 
+@pytest.mark.parametrize("path", ["reference", "fast"])
 @pytest.mark.parametrize("preset", ["demo", "base"])
-def test_reference_train_step(benchmark, preset: str, device: torch.device) -> None:
-    step, batch = _step_fn(preset, device)
+def test_train_step(benchmark, preset: str, path: str, device: torch.device) -> None:
+    benchmark.group = f"train step {preset}"
+    step, batch = _step_fn(preset, path, device)
     step()  # warm-up: allocator, lazy init
     reset_peak_memory(device)
     rounds = 5 if preset == "demo" or device.type == "cuda" else 2
     benchmark.pedantic(step, rounds=rounds, iterations=1)
     benchmark.extra_info.update(
         preset=preset,
-        path="reference (bert mode, reference masking)",
+        path=path,
         batch=batch,
         clips_per_s=batch / benchmark.stats.stats.mean,
         peak_memory_mb=peak_memory_mb(device),
