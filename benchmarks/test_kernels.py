@@ -1,0 +1,92 @@
+"""Each token kernel against its PyTorch reference at the `base` shapes, with the device copy as the
+bandwidth yardstick (B=32..128, F=4, N=196, C=768, ratio 0.75).
+
+`extra_info` carries GB/s (bytes a perfect kernel must move / time). The Triton cases need CUDA: on a CPU
+they skip (the Triton interpreter checks correctness, it is not meant to be fast).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+
+F, N, C, RATIO = 4, 196, 768, 0.75
+BATCHES = [32, 128]
+IMPLS = ["reference", "triton"]
+
+
+def _skip_unless_runnable(impl: str, device: torch.device) -> None:
+    if impl == "triton" and device.type != "cuda":
+        pytest.skip("Triton kernels run compiled only on CUDA; on this CPU they are tested, not timed")
+
+
+def _inputs(b: int, device: torch.device, dtype: torch.dtype):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(b, F, N, C, generator=g).to(device, dtype)
+    _, visible = kernels.tube_mask(b, (14, 14), RATIO, seed=0, device=device)
+    pos = torch.randn(N, C, generator=g).to(device, dtype)
+    time = torch.randn(F, C, generator=g).to(device, dtype)
+    return x, visible, pos, time
+
+
+def _timed(benchmark, fn, nbytes: int, device: torch.device) -> None:
+    def run() -> None:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    run()
+    benchmark.pedantic(run, rounds=10 if device.type == "cuda" else 3, iterations=1, warmup_rounds=1)
+    benchmark.extra_info["GB_per_s"] = nbytes / benchmark.stats.stats.mean / 1e9
+    benchmark.extra_info["bytes"] = nbytes
+
+
+@pytest.mark.parametrize("b", BATCHES)
+def test_copy_bandwidth(benchmark, b: int, device: torch.device) -> None:
+    """The yardstick: a plain device copy of the kept tokens' bytes (read + write)."""
+    benchmark.group = f"tokens B={b}"
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    k = N - kernels.num_hidden(N, RATIO)
+    src = torch.randn(b, F, k, C, device=device, dtype=dtype)
+    dst = torch.empty_like(src)
+    _timed(benchmark, lambda: dst.copy_(src), 2 * src.numel() * src.element_size(), device)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("b", BATCHES)
+def test_drop_tokens(benchmark, impl: str, b: int, device: torch.device) -> None:
+    _skip_unless_runnable(impl, device)
+    benchmark.group = f"tokens B={b}"
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    x, visible, pos, time = _inputs(b, device, dtype)
+    k = visible.shape[1]
+    nbytes = 2 * b * F * k * C * x.element_size()  # read the kept rows, write them
+    _timed(benchmark, lambda: kernels.drop_tokens(x, visible, pos, time, impl=impl), nbytes, device)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("b", BATCHES)
+def test_restore_tokens(benchmark, impl: str, b: int, device: torch.device) -> None:
+    _skip_unless_runnable(impl, device)
+    benchmark.group = f"tokens B={b}"
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    x, visible, pos, time = _inputs(b, device, dtype)
+    k = visible.shape[1]
+    y = x[:, :, :k].contiguous()
+    token = torch.randn(C, device=device, dtype=dtype)
+    nbytes = b * F * (k + N) * C * x.element_size()  # read the kept rows, write the full grid
+    _timed(benchmark, lambda: kernels.restore_tokens(y, visible, token, pos, time, impl=impl), nbytes, device)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_tube_mask(benchmark, impl: str, device: torch.device) -> None:
+    _skip_unless_runnable(impl, device)
+    benchmark.group = "tube mask B=128"
+    _timed(
+        benchmark,
+        lambda: kernels.tube_mask(128, (14, 14), RATIO, seed=0, step=1, device=device, impl=impl),
+        128 * N,
+        device,
+    )
