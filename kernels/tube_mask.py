@@ -61,6 +61,23 @@ def num_hidden(num_patches: int, ratio: float) -> int:
     return int(round(ratio * num_patches))
 
 
+def mask_sizes(batch: int, grid: tuple[int, int], ratio: float) -> tuple[int, int, int]:
+    """(N positions, M hidden, K visible), refusing impossible arguments; shared by every implementation."""
+    gh, gw = grid
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"mask ratio must be in [0, 1), got {ratio}")
+    if gh < 1 or gw < 1 or batch < 1:
+        raise ValueError(f"batch and grid must be positive, got batch={batch}, grid={grid}")
+    n = gh * gw
+    m = num_hidden(n, ratio)
+    return n, m, n - m
+
+
+def nothing_hidden(batch: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    mask = torch.zeros(batch, n, dtype=torch.bool, device=device)
+    return mask, torch.arange(n, device=device).expand(batch, n).clone()
+
+
 def tube_mask_reference(
     batch: int,
     grid: tuple[int, int],
@@ -73,18 +90,11 @@ def tube_mask_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (mask [B, N] bool, True = hidden; visible [B, K] int64 sorted ascending)."""
     gh, gw = grid
-    n = gh * gw
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"mask ratio must be in [0, 1), got {ratio}")
-    if gh < 1 or gw < 1 or batch < 1:
-        raise ValueError(f"batch and grid must be positive, got batch={batch}, grid={grid}")
+    n, m, k = mask_sizes(batch, grid, ratio)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    m = num_hidden(n, ratio)
-    k = n - m
-    samples = torch.arange(batch, device=device, dtype=torch.int64)
     if m == 0:
-        mask = torch.zeros(batch, n, dtype=torch.bool, device=device)
-        return mask, torch.arange(n, device=device).expand(batch, n).clone()
+        return nothing_hidden(batch, n, device)
+    samples = torch.arange(batch, device=device, dtype=torch.int64)
 
     # Rectangles: area in [min_area, max_area], aspect within [0.3, 3.33], random placement.
     max_area = max(min(m, (2 * n) // 5), min(min_area, m))

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.tube_mask import ASPECT_DEN, ASPECT_MIN_NUM, NUM_RECTANGLES, num_hidden
+from kernels.tube_mask import ASPECT_DEN, ASPECT_MIN_NUM, NUM_RECTANGLES, mask_sizes, nothing_hidden
 
 MASK32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
@@ -216,17 +216,10 @@ def tube_mask_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract and bits as `tube_mask_reference`: (mask [B, N] bool, visible [B, K] int64 sorted)."""
     gh, gw = grid
-    n = gh * gw
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"mask ratio must be in [0, 1), got {ratio}")
-    if gh < 1 or gw < 1 or batch < 1:
-        raise ValueError(f"batch and grid must be positive, got batch={batch}, grid={grid}")
+    n, m, k = mask_sizes(batch, grid, ratio)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    m = num_hidden(n, ratio)
-    k = n - m
     if m == 0:
-        mask = torch.zeros(batch, n, dtype=torch.bool, device=device)
-        return mask, torch.arange(n, device=device).expand(batch, n).clone()
+        return nothing_hidden(batch, n, device)
     assert ASPECT_MIN_NUM == 3 and ASPECT_DEN == 10, "the key kernel hard-codes the 0.3 aspect bound"
 
     max_area = max(min(m, (2 * n) // 5), min(min_area, m))
