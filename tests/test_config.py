@@ -19,6 +19,7 @@ def test_presets_load_and_validate() -> None:
     )
     assert base.model.num_frames == 4 and base.model.projection_dim == 256
     assert base.train.temperature == 0.05 and base.mvm.ema_momentum == 0.999
+    assert (base.mvm.mode, base.mvm.mask_ratio, base.mvm.contrastive_input) == ("drop", 0.75, "masked")
     assert build_config("demo").model.text_model == "minilm"
 
 
