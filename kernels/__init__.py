@@ -58,11 +58,11 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _use_triton(impl: str, *tensors: torch.Tensor) -> bool:
+def _use_triton(impl: str, *devices: torch.device) -> bool:
     """Whether the token ops run the Triton kernels for these inputs (impl already checked)."""
     if impl == "reference":
         return False
-    on_cuda = all(t.is_cuda for t in tensors)
+    on_cuda = all(d.type == "cuda" for d in devices)
     if impl == "triton":
         error = _triton_import_error()
         if error is not None:
@@ -70,7 +70,7 @@ def _use_triton(impl: str, *tensors: torch.Tensor) -> bool:
         if not (on_cuda or _interpreting()):
             raise RuntimeError(
                 'impl="triton" needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter), got '
-                f"devices {sorted({str(t.device) for t in tensors})}"
+                f"devices {sorted({str(d) for d in devices})}"
             )
         return True
     return on_cuda and _triton_import_error() is None
@@ -90,7 +90,7 @@ def tube_mask(
     """(mask [B, N] bool, True = hidden in every frame; visible [B, K] int64 sorted)."""
     _check_impl(impl, TUBE_MASK_IMPLS)
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    if _use_triton(impl, torch.empty(0, device=dev)):  # auto: CUDA + triton; triton: CUDA or interpreter
+    if _use_triton(impl, dev):  # auto: CUDA + triton; triton: CUDA or interpreter
         from kernels.tube_mask_triton import tube_mask_triton  # lazily: importing triton is not free
 
         return tube_mask_triton(batch, grid, ratio, seed=seed, step=step, device=dev, min_area=min_area)
@@ -101,7 +101,7 @@ def drop_tokens(
     x: torch.Tensor, visible: torch.Tensor, pos: torch.Tensor, time: torch.Tensor, *, impl: str = "auto"
 ) -> torch.Tensor:
     _check_impl(impl)
-    if _use_triton(impl, x, visible, pos, time):
+    if _use_triton(impl, x.device, visible.device, pos.device, time.device):
         from kernels.tokens_triton import drop_tokens_triton
 
         return drop_tokens_triton(x, visible, pos, time)
@@ -118,7 +118,7 @@ def restore_tokens(
     impl: str = "auto",
 ) -> torch.Tensor:
     _check_impl(impl)
-    if _use_triton(impl, y, visible, mask_token, pos, time):
+    if _use_triton(impl, y.device, visible.device, mask_token.device, pos.device, time.device):
         from kernels.tokens_triton import restore_tokens_triton
 
         return restore_tokens_triton(y, visible, mask_token, pos, time)

@@ -90,7 +90,7 @@ def tube_mask_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (mask [B, N] bool, True = hidden; visible [B, K] int64 sorted ascending)."""
     gh, gw = grid
-    n, m, k = mask_sizes(batch, grid, ratio)
+    n, m, _ = mask_sizes(batch, grid, ratio)
     device = torch.device(device) if device is not None else torch.device("cpu")
     if m == 0:
         return nothing_hidden(batch, n, device)
@@ -128,11 +128,13 @@ def tube_mask_reference(
     hidden = order[:, :m]
     mask = torch.zeros(batch, n, dtype=torch.bool, device=device)
     mask.scatter_(1, hidden, True)
-    visible = torch.nonzero(~mask)[:, 1].reshape(batch, k)
+    visible = order[:, m:].sort(dim=1).values  # no nonzero(): its data-dependent shape syncs the host
     return mask, visible
 
 
-def hidden_indices(mask: torch.Tensor) -> torch.Tensor:
-    """[B, N] bool with the same count per row -> [B, M] sorted hidden positions."""
-    b = mask.shape[0]
-    return torch.nonzero(mask)[:, 1].reshape(b, -1)
+def hidden_indices(mask: torch.Tensor, num_hidden: int) -> torch.Tensor:
+    """[B, N] bool with `num_hidden` True per row -> [B, M] hidden positions, ascending.
+
+    A stable sort puts hidden positions first in order; unlike `nonzero` it needs no host sync.
+    """
+    return torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)[:, :num_hidden]

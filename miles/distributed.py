@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,13 +103,13 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_mean(value: float) -> float:
-    """Mean of a Python scalar over ranks, for logging losses and throughput that agree on all ranks."""
+def all_reduce_mean(values: Sequence[float]) -> list[float]:
+    """Means of Python scalars over ranks in one collective, for logged values that agree on all ranks."""
     if not is_distributed():
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device())
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return float(t.item()) / dist.get_world_size()
+    return (t / dist.get_world_size()).tolist()
 
 
 class _GatherWithLocalGrad(torch.autograd.Function):

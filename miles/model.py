@@ -95,10 +95,10 @@ class MilesModel(nn.Module):
         train/test gap). `targets` are the snapshot encoder's features of the unmasked video, [B, F, N, D].
         """
         impl = self.mvm_cfg.kernels
+        if mask is not None and visible is None:
+            raise ValueError("a mask needs its visible positions too (kernels.tube_mask returns both)")
         drop = mask is not None and self.mvm_cfg.mode == "drop"
         if drop:
-            if visible is None:
-                raise ValueError("drop mode needs the visible positions (kernels.tube_mask returns them)")
             features = self.video_model.forward_visible(video, visible, impl)
         else:
             features = self.video_model.forward_features(video, mask)
@@ -111,7 +111,7 @@ class MilesModel(nn.Module):
             b, n = mask.shape
             on_grid = visible if drop else torch.arange(n, device=mask.device).expand(b, n)
             pred = self.predictor(features, on_grid, impl)  # [B, F, N, D]
-            hidden = kernels.hidden_indices(mask)  # [B, M]
+            hidden = kernels.hidden_indices(mask, n - visible.shape[1])  # [B, M]
             pred_h = _gather_positions(pred, hidden)
             target_h = _gather_positions(targets, hidden)
             mvm = masked_feature_loss(

@@ -326,9 +326,7 @@ class Trainer:
             self.snapshot.update(self.model.video_model, self.state.step)
         losses /= cfg.train.grad_accum
         return {
-            "loss": all_reduce_mean(losses[0]),
-            "contrastive": all_reduce_mean(losses[1]),
-            "mvm": all_reduce_mean(losses[2]),
+            **dict(zip(("loss", "contrastive", "mvm"), all_reduce_mean(losses.tolist()), strict=True)),
             "grad_norm": float(grad_norm),
             "lr": self.optimizer.param_groups[0]["lr"],
             "clips": clips * self.dist.world_size,

@@ -21,7 +21,7 @@ def test_exact_count_and_visible_indices(grid: tuple[int, int], ratio: float) ->
     assert visible.shape == (16, n - m) and visible.dtype == torch.int64
     assert (visible[:, 1:] > visible[:, :-1]).all()  # sorted, distinct
     assert not mask.gather(1, visible).any()  # visible really are visible
-    hidden = kernels.hidden_indices(mask)
+    hidden = kernels.hidden_indices(mask, m)
     assert hidden.shape == (16, m) and mask.gather(1, hidden).all()
 
 

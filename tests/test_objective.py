@@ -23,17 +23,17 @@ def _inputs(model: MilesModel, b: int = 4):
     tokens = model.tokenizer(
         ["a red circle moves left", "a blue square grows"] * (b // 2), return_tensors="pt", padding=True
     )
-    mask, _ = kernels.tube_mask(b, model.video_model.grid_size, 0.5, seed=0)
-    return video, tokens["input_ids"], tokens["attention_mask"], mask
+    mask, visible = kernels.tube_mask(b, model.video_model.grid_size, 0.5, seed=0)
+    return video, tokens["input_ids"], tokens["attention_mask"], mask, visible
 
 
 @pytest.mark.parametrize("contrastive_input", ["full", "masked"])
 def test_contrastive_input(contrastive_input: str) -> None:
     model = _model(f"mvm.contrastive_input={contrastive_input}")
-    video, ids, am, mask = _inputs(model)
+    video, ids, am, mask, visible = _inputs(model)
     targets = torch.randn(4, 2, 16, 64)
     with torch.no_grad():
-        masked = model(video, ids, am, mask, targets)
+        masked = model(video, ids, am, mask, targets, visible)
         plain = model(video, ids, am)
     same = torch.allclose(masked.contrastive, plain.contrastive, atol=1e-6)
     assert same == (contrastive_input == "full")
@@ -42,10 +42,10 @@ def test_contrastive_input(contrastive_input: str) -> None:
 
 def test_mvm_loss_is_regression_at_hidden_positions_only() -> None:
     model = _model("mvm.contrastive_input=masked")
-    video, ids, am, mask = _inputs(model)
+    video, ids, am, mask, visible = _inputs(model)
     targets = torch.randn(4, 2, 16, 64)
     with torch.no_grad():
-        out = model(video, ids, am, mask, targets)
+        out = model(video, ids, am, mask, targets, visible)
         features = model.video_model.forward_features(video, mask)
         pred = model.predictor(features, torch.arange(16).expand(4, 16))
         hidden = mask[:, None, :, None].expand_as(pred)
@@ -55,7 +55,9 @@ def test_mvm_loss_is_regression_at_hidden_positions_only() -> None:
         # targets at visible positions do not matter
         changed = targets.clone()
         changed[~mask[:, None, :, None].expand_as(changed)] = 100.0
-        assert model(video, ids, am, mask, changed).mvm.item() == pytest.approx(out.mvm.item(), rel=1e-6)
+        assert model(video, ids, am, mask, changed, visible).mvm.item() == pytest.approx(
+            out.mvm.item(), rel=1e-6
+        )
 
 
 def test_snapshot_ema_and_copy() -> None:
@@ -94,8 +96,7 @@ def test_drop_mode_encoder_on_all_positions_equals_the_full_grid() -> None:
 def test_hidden_pixels_never_reach_the_masked_pass(mode: str) -> None:
     """Both modes see nothing of the hidden tubes: changing those pixels changes no prediction."""
     model = _model(f"mvm.mode={mode}", "mvm.contrastive_input=masked")
-    video, ids, am, mask = _inputs(model)
-    _, visible = kernels.tube_mask(4, model.video_model.grid_size, 0.5, seed=0)
+    video, ids, am, mask, visible = _inputs(model)
     targets = torch.randn(4, 2, 16, 64)
     patches = mask.reshape(4, 4, 4).repeat_interleave(8, 1).repeat_interleave(8, 2)  # [B, 32, 32]
     changed = video.clone()
@@ -111,8 +112,7 @@ def test_drop_mode_needs_visible_and_differs_from_bert() -> None:
     drop = _model("mvm.mode=drop", "mvm.contrastive_input=masked")
     bert = _model("mvm.mode=bert", "mvm.contrastive_input=masked")
     bert.load_state_dict(drop.state_dict())
-    video, ids, am, mask = _inputs(drop)
-    _, visible = kernels.tube_mask(4, drop.video_model.grid_size, 0.5, seed=0)
+    video, ids, am, mask, visible = _inputs(drop)
     targets = torch.randn(4, 2, 16, 64)
     with pytest.raises(ValueError, match="visible"):
         drop(video, ids, am, mask, targets)

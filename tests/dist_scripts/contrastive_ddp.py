@@ -61,7 +61,7 @@ def main(out_path: str) -> None:
     losses = [torch.zeros(1, dtype=torch.float64) for _ in range(info.world_size)]
     dist.all_gather(losses, loss.detach().reshape(1))
     probe = gather_with_local_grad(torch.full((2, 3), float(info.rank)) + torch.arange(2.0)[:, None])
-    mean_rank = all_reduce_mean(float(info.rank))
+    mean_rank = all_reduce_mean([float(info.rank)])[0]
 
     if info.rank == 0:
         torch.save(
