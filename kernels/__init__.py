@@ -2,7 +2,7 @@
 
 `impl="auto"` picks the fastest implementation available for the inputs; `impl="reference"` forces the
 plain PyTorch reference that every fast path is tested against; `impl="triton"` forces the Triton kernels
-(`kernels/tokens_triton.py`, `kernels/tube_mask_triton.py`).
+(`kernels/tokens_triton.py`, `kernels/tube_mask_triton.py`, `kernels/masked_feature_loss_triton.py`).
 
 `auto` uses Triton when every tensor is on CUDA and triton imports, the reference otherwise (a CPU run
 never pays for the interpreter by accident). `impl="triton"` on CPU tensors runs the Triton interpreter and
@@ -16,6 +16,7 @@ import os
 
 import torch
 
+from kernels.masked_feature_loss import MASKED_FEATURE_LOSS_KINDS, masked_feature_loss_reference
 from kernels.tokens import drop_tokens_reference, restore_tokens_reference
 from kernels.tube_mask import hidden_indices, num_hidden, tube_mask_reference
 
@@ -28,6 +29,8 @@ __all__ = [
     "restore_tokens",
     "hidden_indices",
     "num_hidden",
+    "masked_feature_loss",
+    "MASKED_FEATURE_LOSS_KINDS",
     "IMPLS",
     "TUBE_MASK_IMPLS",
 ]
@@ -123,3 +126,28 @@ def restore_tokens(
 
         return restore_tokens_triton(y, visible, mask_token, pos, time)
     return restore_tokens_reference(y, visible, mask_token, pos, time)
+
+
+def masked_feature_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    hidden: torch.Tensor,
+    *,
+    kind: str = "mse",
+    normalize_target: bool = True,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """MVM loss of pred [B, F, N, C] against the detached target [B, F, N, C] at hidden [B, M] positions.
+
+    Scalar fp32 (fp64 for fp64 inputs; mean over B*F*M*C elements, 0 when M = 0); `auto` falls back to the
+    reference for inputs the kernel does not take (fp64, C > 8192).
+    """
+    _check_impl(impl)
+    if _use_triton(impl, pred.device, target.device, hidden.device):
+        from kernels.masked_feature_loss_triton import masked_feature_loss_triton, unsupported_reason
+
+        if impl == "triton" or unsupported_reason(pred, target) is None:
+            return masked_feature_loss_triton(
+                pred, target, hidden, kind=kind, normalize_target=normalize_target
+            )
+    return masked_feature_loss_reference(pred, target, hidden, kind=kind, normalize_target=normalize_target)

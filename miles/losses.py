@@ -6,11 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.masked_feature_loss import MASKED_FEATURE_LOSS_KINDS, masked_feature_loss_rows
 from miles.distributed import gather_with_local_grad
 
 __all__ = ["NormSoftmaxLoss", "masked_feature_loss", "MASKED_FEATURE_LOSS_KINDS"]
-
-MASKED_FEATURE_LOSS_KINDS = ("mse", "smooth_l1")
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -67,17 +66,7 @@ def masked_feature_loss(
     ``pred`` and ``target`` are ``[B, M, C]`` (M masked positions). The target never receives gradient
     (it comes from the snapshot encoder); per-token layer normalisation (no affine, eps 1e-6) removes the
     scale drift of the snapshot's features so the regression stays well conditioned. Mean over all
-    elements.
+    elements (0 when there are none). The one definition lives in `kernels.masked_feature_loss`, shared
+    with the fused kernel that works on the full grids.
     """
-    if kind not in MASKED_FEATURE_LOSS_KINDS:
-        allowed = ", ".join(MASKED_FEATURE_LOSS_KINDS)
-        raise ValueError(f"unknown masked feature loss kind {kind!r}; allowed: {allowed}")
-    if pred.shape != target.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
-    target = target.detach()
-    if normalize_target:
-        target = F.layer_norm(target, target.shape[-1:], eps=1e-6)
-    pred, target = _at_least_fp32(pred), _at_least_fp32(target)  # fp32 also under bf16 autocast
-    if kind == "mse":
-        return F.mse_loss(pred, target)
-    return F.smooth_l1_loss(pred, target)
+    return masked_feature_loss_rows(pred, target, kind=kind, normalize_target=normalize_target)

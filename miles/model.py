@@ -13,7 +13,7 @@ import torch.nn as nn
 
 import kernels
 from miles.config import Config
-from miles.losses import NormSoftmaxLoss, masked_feature_loss
+from miles.losses import NormSoftmaxLoss
 from miles.predictor import MaskedFeaturePredictor
 from miles.pretrained import load_video_weights
 from miles.text_encoder import build_text_encoder, text_cls
@@ -112,17 +112,13 @@ class MilesModel(nn.Module):
             on_grid = visible if drop else torch.arange(n, device=mask.device).expand(b, n)
             pred = self.predictor(features, on_grid, impl)  # [B, F, N, D]
             hidden = kernels.hidden_indices(mask, n - visible.shape[1])  # [B, M]
-            pred_h = _gather_positions(pred, hidden)
-            target_h = _gather_positions(targets, hidden)
-            mvm = masked_feature_loss(
-                pred_h, target_h, kind=self.mvm_cfg.loss, normalize_target=self.mvm_cfg.normalize_target
+            mvm = kernels.masked_feature_loss(
+                pred,
+                targets,
+                hidden,
+                kind=self.mvm_cfg.loss,
+                normalize_target=self.mvm_cfg.normalize_target,
+                impl=impl,
             )
         loss = contrastive + self.mvm_cfg.weight * mvm
         return StepOutput(loss=loss, contrastive=contrastive.detach(), mvm=mvm.detach())
-
-
-def _gather_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """x [B, F, N, C] at positions [B, M] of every frame -> [B, F*M, C]."""
-    b, f, _, c = x.shape
-    idx = positions[:, None, :, None].expand(b, f, positions.shape[1], c)
-    return torch.gather(x, 2, idx).flatten(1, 2)
