@@ -1,0 +1,767 @@
+"""Frame shards: videos decoded once, resampled to a fixed rate, stored as JPEG frames in tar files.
+
+Decoding H.264 on the CPU is what starves a GPU trainer; JPEG frames decode on the GPU (nvJPEG through
+DALI) or quickly on the CPU. ``miles prepare`` pays the video decode once and writes:
+
+```
+OUT_DIR/
+  shards/shard-000000.tar   members "<key>.<frame:04d>.jpg" and "<key>.json" (WebDataset layout)
+  index.jsonl               one line per clip, manifest order, with the byte range of every JPEG
+  skipped.jsonl             {"source", "error", "position"} per clip that could not be decoded
+  prepare.json              the parameters; a rerun with the same ones resumes, other ones are refused
+```
+
+The index lets a loader read any frame with one ``pread``-like slice instead of scanning a tar, so
+random access (shuffled training, sparse frame sampling) costs no more than sequential reading.
+Output bytes depend only on the inputs and parameters, never on the worker count or on a resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import mmap
+import os
+import tarfile
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import av
+from PIL import Image
+from tqdm import tqdm
+
+from data_dali.manifest import ManifestEntry, is_image, read_manifest
+from data_dali.reference_loader import _COUNT_TOLERANCE, VideoDecodeError, _check_file, _frame_count
+
+__all__ = [
+    "FORMAT_VERSION",
+    "PrepareReport",
+    "ShardClip",
+    "ShardError",
+    "ShardIndex",
+    "SourceClip",
+    "group_entries",
+    "is_shard_dir",
+    "prepare_shards",
+    "resize_short_side",
+]
+
+FORMAT_VERSION = 1
+INDEX_NAME = "index.jsonl"
+SKIPPED_NAME = "skipped.jsonl"
+PARAMS_NAME = "prepare.json"
+SHARD_DIR = "shards"
+# Keys are the clip's manifest position: dot-free (WebDataset splits key and extension at the first
+# dot), sortable, and stable across resumes because the manifest's hash is pinned in prepare.json.
+_KEY_DIGITS = 9
+# Open shard files kept per process by ShardIndex.read_frames.
+_MAX_OPEN_SHARDS = 16
+
+
+class ShardError(ValueError):
+    """A shard folder cannot be used or written; the message names the path and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decoding one clip (runs in worker processes)
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SourceClip:
+    """One distinct video (or image) of the manifest with all captions that rows give it."""
+
+    position: int
+    source: Path
+    captions: tuple[str, ...]
+    label: str | None
+
+
+def group_entries(entries: Sequence[ManifestEntry]) -> list[SourceClip]:
+    """Rows naming the same file become one clip with several captions, in first-appearance order.
+
+    This is the grouping ``miles eval`` uses (one video, many captions), so a prepared shard folder and
+    the manifest it came from describe the same clips. The label is the first row's.
+    """
+    order: dict[Path, int] = {}
+    captions: list[list[str]] = []
+    labels: list[str | None] = []
+    sources: list[Path] = []
+    for entry in entries:
+        if entry.video not in order:
+            order[entry.video] = len(sources)
+            sources.append(entry.video)
+            captions.append([])
+            labels.append(entry.label)
+        captions[order[entry.video]].append(entry.caption)
+    return [
+        SourceClip(position=i, source=s, captions=tuple(c), label=lab)
+        for i, (s, c, lab) in enumerate(zip(sources, captions, labels, strict=True))
+    ]
+
+
+def resize_short_side(image: Image.Image, size: int) -> Image.Image:
+    """Short side to ``size`` keeping aspect (long side floored, as torchvision's resize does).
+
+    Never upscales: a frame whose short side is already <= ``size`` is stored as it is, because
+    upscaling adds bytes but no information and the training crop resizes anyway. PIL's bilinear
+    filter widens its support when shrinking, i.e. it antialiases like torchvision's ``antialias=True``.
+    """
+    w, h = image.size
+    short, long = min(w, h), max(w, h)
+    if short <= size:
+        return image
+    new_long = max(1, int(size * long / short))
+    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+    return image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+
+
+def _encode_jpeg(image: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    # 4:2:0 chroma: the sources are yuv420p video, so full-resolution chroma would store nothing real.
+    image.save(buf, format="JPEG", quality=quality, subsampling=2, optimize=False)
+    return buf.getvalue()
+
+
+@dataclass
+class _Decoded:
+    """What a worker sends back: JPEG bytes per stored frame, or the reason the clip was skipped."""
+
+    position: int
+    jpegs: list[bytes] = field(default_factory=list)
+    height: int = 0
+    width: int = 0
+    error: str | None = None
+
+
+def _tick_frames(path: Path, fps: float, max_frames: int, threads: int = 0) -> Iterator[av.VideoFrame]:
+    """Decode the stream once and yield, per 1/fps tick, the frame nearest it (streaming, so a long
+    clip never holds more than two decoded frames).
+
+    Frames are compared by presentation time; streams without timestamps fall back to frame count /
+    frame rate. A frame nearest to several ticks (source rate below ``fps``) is yielded once per tick.
+    Stops as soon as ``max_frames`` ticks are filled. ``threads`` are the codec's threads (0: FFmpeg
+    picks); the decoded pixels are the same for any count.
+    """
+    with av.open(str(path), mode="r") as container:
+        if not container.streams.video:
+            raise VideoDecodeError(f"{path} has no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        stream.thread_count = threads
+        header_count = _frame_count(container, stream)
+        rate = stream.average_rate or stream.guessed_rate
+        step = float(1 / rate) if rate else 1.0 / fps
+        prev: av.VideoFrame | None = None
+        prev_t = t0 = 0.0
+        decoded = 0
+        k = 0  # next tick to fill
+        for frame in container.decode(stream):
+            t = frame.time if frame.time is not None else decoded * step
+            if prev is None:
+                t0 = t
+            else:
+                t = max(t, prev_t)  # a backwards timestamp must not reorder ticks
+                # Every tick up to the midpoint is nearer the previous frame (ties: the earlier one).
+                mid = (prev_t + t) / 2
+                while k < max_frames and t0 + k / fps <= mid + 1e-9:
+                    yield prev
+                    k += 1
+            decoded += 1
+            prev, prev_t = frame, t
+            if k >= max_frames:
+                return
+        if prev is None:
+            raise VideoDecodeError(f"{path} has no decodable video frames")
+        if header_count and decoded < header_count - _COUNT_TOLERANCE:
+            raise VideoDecodeError(
+                f"{path} has fewer decodable frames than its header says: {decoded} of {header_count} "
+                "(truncated or corrupt file)"
+            )
+        last_duration = getattr(prev, "duration", None)
+        duration = float(last_duration * prev.time_base) if last_duration and prev.time_base else step
+        end = prev_t + duration
+        while k < max_frames and (k == 0 or t0 + k / fps < end - 1e-6):
+            yield prev
+            k += 1
+
+
+def _decode_clip(job: tuple[int, str, float, int, int, int, int]) -> _Decoded:
+    """Worker entry point: one clip -> resized JPEG frames, or an error message (never raises)."""
+    position, source, fps, size, quality, max_frames, threads = job
+    path = Path(source)
+    result = _Decoded(position=position)
+    sizes: set[tuple[int, int]] = set()
+
+    def add(image: Image.Image) -> bytes:
+        sizes.add(image.size)
+        small = resize_short_side(image, size)
+        result.width, result.height = small.size
+        return _encode_jpeg(small, quality)
+
+    try:
+        _check_file(path)
+        if is_image(path):
+            try:
+                with Image.open(path) as im:
+                    rgb = im.convert("RGB")
+            except Exception as e:  # PIL raises many unrelated types for a bad file
+                raise VideoDecodeError(f"cannot decode image {path}: {e}") from e
+            result.jpegs.append(add(rgb))
+        else:
+            last, last_jpeg = None, b""
+            try:
+                for frame in _tick_frames(path, fps, max_frames, threads):
+                    if frame is not last:  # a repeated frame is encoded once
+                        last, last_jpeg = frame, add(frame.to_image())
+                    result.jpegs.append(last_jpeg)
+            except VideoDecodeError:
+                raise
+            except (av.error.FFmpegError, OSError, ValueError, IndexError, KeyError) as e:
+                raise VideoDecodeError(f"cannot decode {path}: {e}") from e
+        if len(sizes) != 1:
+            raise VideoDecodeError(f"{path} changes frame size mid-stream ({sorted(sizes)})")
+        return result
+    except VideoDecodeError as e:
+        return _Decoded(position=position, error=str(e))
+    except Exception as e:  # a worker must never take the whole run down for one file
+        return _Decoded(position=position, error=f"cannot decode {path}: {type(e).__name__}: {e}")
+
+
+def _decoded_in_order(
+    jobs: list[tuple[int, str, float, int, int, int, int]], workers: int
+) -> Iterator[_Decoded]:
+    """Results in job order, with a bounded window of work in flight so memory stays flat."""
+    if workers <= 1:
+        for job in jobs:
+            yield _decode_clip(job)
+        return
+    window = workers * 4
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        pending: deque[Future] = deque()
+        it = iter(jobs)
+        for job in it:
+            pending.append(pool.submit(_decode_clip, job))
+            if len(pending) >= window:
+                break
+        try:
+            while pending:
+                result = pending.popleft().result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append(pool.submit(_decode_clip, nxt))
+                yield result
+        finally:  # the consumer stopped early: do not decode what nobody will write
+            for fut in pending:
+                fut.cancel()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing shards (main process)
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PrepareReport:
+    """What ``prepare_shards`` left in the folder (totals include clips written by earlier runs)."""
+
+    clips: int
+    frames: int
+    bytes: int
+    skipped: list[tuple[str, str]]
+    shards: list[Path]
+    seconds: float
+    out_dir: Path | None = None
+    resumed_clips: int = 0
+
+    def summary(self, show: int = 5) -> str:
+        """Human-readable report for the end of ``miles prepare``."""
+        rate = (self.clips - self.resumed_clips) / self.seconds if self.seconds > 0 else 0.0
+        lines = [
+            f"wrote {self.clips} clips, {self.frames} frames, {self.bytes / 2**20:.1f} MiB "
+            f"in {len(self.shards)} shards ({self.seconds:.1f} s, {rate:.1f} clips/s)"
+        ]
+        if self.resumed_clips:
+            lines.append(f"resumed: {self.resumed_clips} clips were already in complete shards")
+        if self.out_dir is not None:
+            lines.append(f"index: {self.out_dir / INDEX_NAME}")
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)} clips that could not be decoded:")
+            lines.extend(f"  {src}: {err}" for src, err in self.skipped[:show])
+            if len(self.skipped) > show:
+                lines.append(f"  ... and {len(self.skipped) - show} more")
+            if self.out_dir is not None:
+                lines.append(f"all skipped clips are listed in {self.out_dir / SKIPPED_NAME}")
+        else:
+            lines.append("skipped 0 clips")
+        return "\n".join(lines)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _append_lines(path: Path, lines: list[str]) -> None:
+    if not lines:
+        return
+    with path.open("a", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _check_params(out_dir: Path, params: dict[str, Any]) -> None:
+    """Pin the parameters on the first run; refuse a rerun that would mix two kinds of shards."""
+    path = out_dir / PARAMS_NAME
+    if not path.exists():
+        _write_atomic(path, json.dumps(params, indent=2, sort_keys=True) + "\n")
+        return
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardError(f"{path} is corrupt ({e}); delete {out_dir} and run `miles prepare` again") from e
+    for key in sorted(set(old) | set(params)):
+        if old.get(key) != params.get(key):
+            raise ShardError(
+                f"{out_dir} was prepared with {key}={old.get(key)!r}, this run asks for "
+                f"{key}={params.get(key)!r}; rerun with the same parameters to resume, or choose a new "
+                f"output folder (or delete {out_dir})"
+            )
+
+
+def _key(position: int) -> str:
+    return f"{position:0{_KEY_DIGITS}d}"
+
+
+def _shard_name(n: int) -> str:
+    return f"{SHARD_DIR}/shard-{n:06d}.tar"
+
+
+def _read_jsonl_prefix(path: Path) -> list[dict]:
+    """Complete JSON lines of a file appended to by a process that may have died mid-write."""
+    if not path.exists():
+        return []
+    out = []
+    with path.open("r", encoding="utf-8") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break  # torn last line
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return out
+
+
+def _json_members(path: Path) -> int:
+    with tarfile.open(path, "r") as tar:
+        return sum(1 for m in tar if m.name.endswith(".json"))
+
+
+def _recover(out_dir: Path) -> tuple[list[dict], list[dict]]:
+    """Committed index and skipped records of an earlier run; everything after them is removed.
+
+    A shard counts only when its tar exists and every one of its clips is in the index (the index lines
+    of a shard are appended after its rename, so a crash between the two leaves a tar to redo).
+    """
+    index = _read_jsonl_prefix(out_dir / INDEX_NAME)
+    by_shard: dict[str, int] = {}
+    for rec in index:
+        by_shard[rec["shard"]] = by_shard.get(rec["shard"], 0) + 1
+    good: set[str] = set()
+    for n in range(len(by_shard)):
+        name = _shard_name(n)
+        tar_path = out_dir / name
+        if name not in by_shard or not tar_path.is_file():
+            break
+        if n == len(by_shard) - 1 and _json_members(tar_path) != by_shard[name]:
+            break  # only the last shard can have been cut short
+        good.add(name)
+    index = [rec for rec in index if rec["shard"] in good]
+    done_until = int(index[-1]["key"]) + 1 if index else 0
+    skipped = [rec for rec in _read_jsonl_prefix(out_dir / SKIPPED_NAME) if rec["position"] < done_until]
+    # Rewrite both files to exactly the committed records, and drop shards that were not committed.
+    _write_atomic(out_dir / INDEX_NAME, "".join(json.dumps(r) + "\n" for r in index))
+    _write_atomic(out_dir / SKIPPED_NAME, "".join(json.dumps(r) + "\n" for r in skipped))
+    for path in sorted((out_dir / SHARD_DIR).glob("shard-*")):
+        if f"{SHARD_DIR}/{path.name}" not in good:
+            path.unlink()
+    return index, skipped
+
+
+class _ShardWriter:
+    """Fills one ``.tar.tmp`` at a time; a full shard is renamed, then its index lines are appended."""
+
+    def __init__(self, out_dir: Path, clips_per_shard: int, first_shard: int, fps: float) -> None:
+        self.out_dir = out_dir
+        self.clips_per_shard = clips_per_shard
+        self.fps = fps
+        self.next_shard = first_shard
+        self.tar: tarfile.TarFile | None = None
+        self.tmp: Path | None = None
+        self.name = ""
+        self.index_lines: list[str] = []
+        self.skipped_lines: list[str] = []
+        self.written: list[Path] = []
+
+    def _add(self, name: str, data: bytes) -> int:
+        assert self.tar is not None
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mode = 0o644
+        info.mtime = 0  # fixed metadata: same inputs give the same bytes
+        self.tar.addfile(info, io.BytesIO(data))
+        # After addfile the tar offset sits past the data's 512-byte padding.
+        padded = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        return self.tar.offset - padded
+
+    def add_clip(self, clip: SourceClip, decoded: _Decoded) -> None:
+        if self.tar is None:
+            self.name = _shard_name(self.next_shard)
+            self.tmp = self.out_dir / (self.name + ".tmp")
+            self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
+        key = _key(clip.position)
+        frames = []
+        for i, jpeg in enumerate(decoded.jpegs):
+            frames.append([self._add(f"{key}.{i:04d}.jpg", jpeg), len(jpeg)])
+        meta = {
+            "captions": list(clip.captions),
+            "source": str(clip.source),
+            "label": clip.label,
+            "fps": self.fps,
+            "frames": len(frames),
+            "height": decoded.height,
+            "width": decoded.width,
+        }
+        self._add(f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))
+        record = {
+            "key": key,
+            "shard": self.name,
+            "source": str(clip.source),
+            "captions": list(clip.captions),
+            "label": clip.label,
+            "frames": frames,
+            "height": decoded.height,
+            "width": decoded.width,
+            "fps": self.fps,
+        }
+        self.index_lines.append(json.dumps(record))
+        if len(self.index_lines) >= self.clips_per_shard:
+            self.commit()
+
+    def add_skipped(self, clip: SourceClip, error: str) -> None:
+        self.skipped_lines.append(
+            json.dumps({"source": str(clip.source), "error": error, "position": clip.position})
+        )
+
+    def commit(self) -> None:
+        """Close and rename the open shard, then record its clips (and the skips seen while filling it)."""
+        if self.tar is not None:
+            assert self.tmp is not None
+            self.tar.close()
+            with self.tmp.open("rb+") as f:
+                os.fsync(f.fileno())
+            final = self.out_dir / self.name
+            os.replace(self.tmp, final)
+            _fsync_dir(final.parent)
+            self.written.append(final)
+            self.tar, self.tmp = None, None
+            self.next_shard += 1
+        _append_lines(self.out_dir / SKIPPED_NAME, self.skipped_lines)
+        _append_lines(self.out_dir / INDEX_NAME, self.index_lines)
+        self.index_lines, self.skipped_lines = [], []
+
+    def abort(self) -> None:
+        if self.tar is not None:
+            self.tar.close()
+            self.tar = None
+
+
+def prepare_shards(
+    manifest: str | Path,
+    out_dir: str | Path,
+    *,
+    fps: float = 4.0,
+    size: int = 256,
+    quality: int = 90,
+    workers: int | None = None,
+    clips_per_shard: int = 1000,
+    max_frames: int = 512,
+    video_column: str = "video",
+    caption_column: str = "caption",
+    progress: bool = True,
+    stop_after_shards: int | None = None,
+) -> PrepareReport:
+    """Decode every manifest clip once into JPEG frame shards (resuming an interrupted run).
+
+    Each video keeps the frame nearest every ``1/fps`` tick from its start, at most ``max_frames`` of
+    them (longer videos keep their first ``max_frames / fps`` seconds); images become one-frame clips.
+    Frames are shrunk so the short side is ``size`` (never enlarged) and stored as JPEG ``quality``.
+    Files that cannot be decoded are listed in skipped.jsonl and the report, never written as frames.
+    ``stop_after_shards`` ends the run after that many shards have been committed by this call, as an
+    interruption would (for tests and for preparing a large manifest in several sittings).
+    """
+    start = time.perf_counter()
+    manifest = Path(manifest)
+    out_dir = Path(out_dir)
+    if fps <= 0:
+        raise ShardError(f"--fps must be positive, got {fps}")
+    if size <= 0:
+        raise ShardError(f"--size must be positive, got {size}")
+    if not 1 <= quality <= 100:
+        raise ShardError(f"--quality must be in 1..100, got {quality}")
+    if clips_per_shard <= 0 or max_frames <= 0:
+        raise ShardError(
+            f"--clips-per-shard and --max-frames must be positive, got {clips_per_shard}, {max_frames}"
+        )
+    entries = read_manifest(manifest, video_column=video_column, caption_column=caption_column)
+    clips = group_entries(entries)
+    params = {
+        "format_version": FORMAT_VERSION,
+        "fps": float(fps),
+        "size": int(size),
+        "quality": int(quality),
+        "max_frames": int(max_frames),
+        "clips_per_shard": int(clips_per_shard),
+        "manifest": str(manifest.absolute()),
+        "manifest_sha256": _sha256(manifest),
+        "video_column": video_column,
+        "caption_column": caption_column,
+    }
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ShardError(f"output {out_dir} exists and is not a folder; choose another output folder")
+    (out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+    _check_params(out_dir, params)
+    index, skipped_recs = _recover(out_dir)
+    done_until = int(index[-1]["key"]) + 1 if index else 0
+    todo = clips[done_until:]
+    writer = _ShardWriter(out_dir, clips_per_shard, len({r["shard"] for r in index}), float(fps))
+    workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
+    # Cores are shared out between the worker processes; more codec threads would only oversubscribe.
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    jobs = [
+        (c.position, str(c.source), float(fps), int(size), int(quality), int(max_frames), threads)
+        for c in todo
+    ]
+    bar = tqdm(
+        total=len(clips), initial=done_until, desc=f"preparing {out_dir}", unit="clip", disable=not progress
+    )
+    resumed = len(index)
+    results = _decoded_in_order(jobs, workers)
+    stopped = False
+    try:
+        for clip, decoded in zip(todo, results, strict=True):
+            if decoded.error is not None:
+                writer.add_skipped(clip, decoded.error)
+            else:
+                writer.add_clip(clip, decoded)
+            bar.update()
+            if stop_after_shards is not None and len(writer.written) >= stop_after_shards:
+                stopped = True
+                break
+        if not stopped:
+            writer.commit()
+    finally:
+        results.close()
+        writer.abort()
+        bar.close()
+    index = _read_jsonl_prefix(out_dir / INDEX_NAME)
+    skipped_recs = _read_jsonl_prefix(out_dir / SKIPPED_NAME)
+    shards = sorted((out_dir / SHARD_DIR).glob("shard-*.tar"))
+    return PrepareReport(
+        clips=len(index),
+        frames=sum(len(r["frames"]) for r in index),
+        bytes=sum(p.stat().st_size for p in shards),
+        skipped=[(r["source"], r["error"]) for r in skipped_recs],
+        shards=shards,
+        seconds=time.perf_counter() - start,
+        out_dir=out_dir,
+        resumed_clips=resumed,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading shards (data loaders)
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShardClip:
+    """One clip of a prepared folder: where its JPEG frames lie and what describes it."""
+
+    key: str
+    shard: Path
+    source: str
+    captions: tuple[str, ...]
+    label: str | None
+    frames: tuple[tuple[int, int], ...]
+    height: int
+    width: int
+    fps: float
+
+
+def _index_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path if path.name == INDEX_NAME or path.suffix == ".jsonl" else path / INDEX_NAME
+
+
+def is_shard_dir(path: str | Path) -> bool:
+    """True when ``path`` is a prepared folder (or its index.jsonl), so loaders can pick the shard path."""
+    path = Path(path)
+    if path.is_file():
+        return path.name == INDEX_NAME and (path.parent / PARAMS_NAME).is_file()
+    return path.is_dir() and (path / INDEX_NAME).is_file() and (path / PARAMS_NAME).is_file()
+
+
+class ShardIndex:
+    """The clips of a prepared folder, and cheap random access to their JPEG frames.
+
+    Shard files are memory-mapped on first use and kept in a small per-process cache; a forked data
+    loader worker notices the new process id and maps its own, so no handle is shared across processes.
+    """
+
+    def __init__(self, root: Path, clips: list[ShardClip], params: dict[str, Any]) -> None:
+        self.root = root
+        self.clips = clips
+        self.params = params
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._maps: OrderedDict[Path, tuple[Any, mmap.mmap]] = OrderedDict()
+
+    @classmethod
+    def open(cls, path: str | Path) -> ShardIndex:
+        """Read ``OUT_DIR/index.jsonl``; a missing or corrupt index says how to (re)create it."""
+        index_path = _index_path(path)
+        root = index_path.parent
+        fix = f"run `miles prepare MANIFEST {root}` to create it"
+        if not index_path.is_file():
+            raise ShardError(f"frame shard index {index_path} does not exist; {fix}")
+        params_path = root / PARAMS_NAME
+        try:
+            params = json.loads(params_path.read_text(encoding="utf-8")) if params_path.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ShardError(f"{params_path} is corrupt ({e}); {fix}") from e
+        clips = []
+        with index_path.open("r", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    r = json.loads(line)
+                    clips.append(
+                        ShardClip(
+                            key=str(r["key"]),
+                            shard=root / r["shard"],
+                            source=str(r["source"]),
+                            captions=tuple(str(c) for c in r["captions"]),
+                            label=None if r.get("label") is None else str(r["label"]),
+                            frames=tuple((int(o), int(s)) for o, s in r["frames"]),
+                            height=int(r["height"]),
+                            width=int(r["width"]),
+                            fps=float(r["fps"]),
+                        )
+                    )
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                    raise ShardError(
+                        f"frame shard index {index_path} line {lineno} is corrupt ({type(e).__name__}: {e}); "
+                        f"an interrupted `miles prepare` resumes when rerun with the same arguments, or {fix}"
+                    ) from e
+        if not clips:
+            raise ShardError(f"frame shard index {index_path} lists no clips; {fix}")
+        return cls(root, clips, params)
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled into spawned loader workers: open maps and locks stay behind.
+        state = self.__dict__.copy()
+        state["_lock"] = None
+        state["_maps"] = OrderedDict()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def _map(self, shard: Path) -> mmap.mmap:
+        if self._pid != os.getpid():
+            # Forked: the parent's maps belong to it; start an empty cache of our own.
+            self._maps = OrderedDict()
+            self._lock = threading.Lock()
+            self._pid = os.getpid()
+        with self._lock:
+            hit = self._maps.get(shard)
+            if hit is not None:
+                self._maps.move_to_end(shard)
+                return hit[1]
+            try:
+                f = shard.open("rb")
+            except OSError as e:
+                raise ShardError(
+                    f"frame shard {shard} cannot be opened ({e}); rerun `miles prepare` for {self.root}"
+                ) from e
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._maps[shard] = (f, mm)
+            while len(self._maps) > _MAX_OPEN_SHARDS:
+                _, (old_f, old_mm) = self._maps.popitem(last=False)
+                old_mm.close()
+                old_f.close()
+            return mm
+
+    def read_frames(self, i: int, frame_ids: Sequence[int]) -> list[bytes]:
+        """JPEG bytes of clip ``i``'s stored frames ``frame_ids`` (indices into ``clips[i].frames``)."""
+        clip = self.clips[i]
+        mm = self._map(clip.shard)
+        out = []
+        for j in frame_ids:
+            if not 0 <= j < len(clip.frames):
+                raise IndexError(
+                    f"clip {clip.key} ({clip.source}) has {len(clip.frames)} frames, asked for {j}"
+                )
+            offset, size = clip.frames[j]
+            data = mm[offset : offset + size]
+            if len(data) != size:
+                raise ShardError(
+                    f"frame shard {clip.shard} is shorter than its index says (clip {clip.key}); "
+                    f"rerun `miles prepare` for {self.root}"
+                )
+            out.append(data)
+        return out
+
+    def close(self) -> None:
+        """Unmap every cached shard (also happens when the index is garbage collected)."""
+        for f, mm in self._maps.values():
+            mm.close()
+            f.close()
+        self._maps.clear()
