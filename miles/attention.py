@@ -1,46 +1,194 @@
-"""Divided space-time attention of the Frozen-in-Time / MILES video encoder.
+"""Divided space-time attention of the Frozen-in-Time / MILES video encoder, behind one backend dispatch.
 
 Tokens are `[B, 1 + F*K, D]`: one CLS token, then F frames of K spatial tokens (K = N on the full grid,
 K < N when masked tokens are dropped). The CLS query attends to every token; every other query attends
 either along time (same position, all frames) or along space (same frame, all positions), with the CLS
 key and value prepended to each of those sequences, exactly as in the released model.
 
-Backends: `reference` is the einsum formulation of the released code; `sdpa` hands the same sequences to
-`torch.nn.functional.scaled_dot_product_attention` as one batched call per direction.
+Backends (`attend`): `xformers` (`memory_efficient_attention`, CUDA only), `sdpa` (PyTorch
+`scaled_dot_product_attention`) and `reference` (the einsum formulation of the released code, which the
+fast paths are tested against). All take the xformers layout `[sequences, length, heads, head_dim]`, so
+per-head projections are views and each attention direction is one large batched call: CLS as one call
+over B sequences, time as one over B*K, space as one over B*F. `auto` picks xformers where it runs
+(CUDA and its kernels load; probed once per device with a real call) and sdpa otherwise.
+
+Variable frame counts: an optional `frame_mask [B, F]` (True = real frame) removes padded frames as keys
+of the temporal and CLS attention. The CLS key is always valid, so no query ever sees only masked keys.
 """
 
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-BACKENDS = ("sdpa", "reference")
+from miles.config import ConfigError
+
+ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "reference")  # what `model.attention` accepts
+# Fused CUDA kernels launch one thread block row per sequence on a grid axis capped at 65535.
+MAX_FUSED_SEQUENCES = 65535
+
+
+@dataclass(frozen=True)
+class AttentionChoice:
+    """The backend that runs and why it was chosen (logged once per run, recorded in metrics.json)."""
+
+    backend: str
+    reason: str
+
+    def describe(self) -> str:
+        return f"{self.backend} ({self.reason})"
+
+
+@functools.cache
+def probe_xformers(device: torch.device) -> tuple[bool, str]:
+    """(True, "CUDA + xformers <version>") if memory_efficient_attention runs on `device`, else (False, why).
+
+    A successful import is not enough (a wheel built for another torch imports but has no kernels), so
+    on CUDA this runs one tiny attention call; the answer is cached per device.
+    """
+    if device.type != "cuda":
+        return False, f"xformers has no CPU kernels, device is {device}"
+    try:
+        import xformers
+        import xformers.ops as xops
+
+        probe = torch.randn(1, 8, 1, 64, device=device, dtype=torch.float16)
+        xops.memory_efficient_attention(probe, probe, probe)
+        torch.cuda.synchronize(device)
+    except Exception as exc:  # ImportError, missing CUDA extension (NotImplementedError), driver errors
+        first_line = next(iter(str(exc).splitlines()), "")
+        return False, f"xformers unavailable on {device}: {type(exc).__name__}: {first_line}"
+    return True, f"CUDA + xformers {xformers.__version__}"
+
+
+def resolve_attention(name: str, device: torch.device | str) -> AttentionChoice:
+    """Map `model.attention` to the backend that runs on `device`; refuse impossible choices up front."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if name not in ATTENTION_BACKENDS:
+        raise ConfigError(f"config key 'model.attention': must be one of {ATTENTION_BACKENDS}, got {name!r}")
+    if name in ("sdpa", "reference"):
+        return AttentionChoice(name, "set by model.attention")
+    if name == "xformers" and device.type != "cuda":
+        raise ConfigError(
+            "config key 'model.attention': xformers has no CPU kernels and needs a CUDA device, but this "
+            f"run is on {device}; set model.attention=auto (sdpa here) or model.attention=sdpa"
+        )
+    ok, detail = probe_xformers(device)
+    if name == "xformers":
+        if not ok:
+            raise ConfigError(f"config key 'model.attention': {detail}; set model.attention=auto or sdpa")
+        return AttentionChoice("xformers", f"set by model.attention, {detail}")
+    return AttentionChoice("xformers" if ok else "sdpa", f"auto: {detail}")
+
+
+def resolve_attention_backend(name: str, device: torch.device | str) -> str:
+    """The backend name `resolve_attention` picks: xformers | sdpa | reference."""
+    return resolve_attention(name, device).backend
+
+
+def set_attention_backend(module: nn.Module, backend: str) -> None:
+    """Point every DividedAttention inside `module` at `backend` (resolve `auto` once, then call this)."""
+    for sub in module.modules():
+        if isinstance(sub, DividedAttention):
+            sub.backend = backend
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, *x.shape[-3:])
+
+
+def _reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, key_mask: torch.Tensor | None
+) -> torch.Tensor:
+    sim = torch.einsum("nqhd,nkhd->nhqk", q * q.shape[-1] ** -0.5, k)
+    if key_mask is not None:
+        sim = sim.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    weights = sim.softmax(dim=-1)
+    if dropout_p > 0:
+        weights = F.dropout(weights, p=dropout_p)
+    return torch.einsum("nhqk,nkhd->nqhd", weights, v)
+
+
+def _sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, key_mask: torch.Tensor | None
+) -> torch.Tensor:
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, dropout_p=dropout_p
+    )
+    return out.transpose(1, 2)
+
+
+def _xformers(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, key_mask: torch.Tensor | None
+) -> torch.Tensor:
+    import xformers.ops as xops
+
+    bias = None
+    if key_mask is not None:
+        n, sk = key_mask.shape
+        # The kernel needs every bias stride but the last to be 16-byte aligned: pad the key axis, slice.
+        padded = q.new_zeros(n, 1, 1, -(-sk // 8) * 8)
+        padded[..., :sk].masked_fill_(~key_mask[:, None, None, :], float("-inf"))
+        bias = padded[..., :sk].expand(n, q.shape[2], q.shape[1], sk)
+    return xops.memory_efficient_attention(q, k, v, attn_bias=bias, p=dropout_p)
+
+
+_KERNELS = {"reference": _reference, "sdpa": _sdpa, "xformers": _xformers}
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, dropout_p: float = 0.0
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    backend: str,
+    dropout_p: float = 0.0,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v over the last two dims; any leading batch dims."""
-    if backend == "sdpa":
-        # Every sequence goes on the batch axis with one head: fused CUDA kernels cap the head axis at
-        # 65535, while torch splits an oversized batch axis itself.
-        lead = q.shape[:-2]
-        out = F.scaled_dot_product_attention(
-            q.reshape(-1, 1, *q.shape[-2:]),
-            k.reshape(-1, 1, *k.shape[-2:]),
-            v.reshape(-1, 1, *v.shape[-2:]),
-            dropout_p=dropout_p,
+    """softmax(q k^T / sqrt(dh)) v per sequence and head; q [..., Lq, H, dh], k/v [..., Lk, H, dh].
+
+    `key_mask [..., Lk]` (True = may be attended) hides keys; every query needs at least one visible key.
+    `dropout_p` drops attention weights (pass 0 in eval). `backend="auto"` resolves by the tensors' device.
+    """
+    if backend == "auto":
+        backend = resolve_attention_backend("auto", q.device)
+    kernel = _KERNELS.get(backend)
+    if kernel is None:
+        raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+    lead = q.shape[:-3]
+    q, k, v = _flat(q), _flat(k), _flat(v)
+    mask = None if key_mask is None else key_mask.reshape(-1, key_mask.shape[-1])
+    if backend == "reference" or q.shape[0] <= MAX_FUSED_SEQUENCES:
+        out = kernel(q, k, v, dropout_p, mask)
+    else:  # split the sequence axis so no fused launch exceeds the grid limit
+        step = MAX_FUSED_SEQUENCES
+        out = torch.cat(
+            [
+                kernel(
+                    q[i : i + step],
+                    k[i : i + step],
+                    v[i : i + step],
+                    dropout_p,
+                    None if mask is None else mask[i : i + step],
+                )
+                for i in range(0, q.shape[0], step)
+            ]
         )
-        return out.reshape(*lead, *out.shape[-2:])
-    if backend == "reference":
-        scale = q.shape[-1] ** -0.5
-        sim = torch.einsum("...id,...jd->...ij", q * scale, k)
-        weights = sim.softmax(dim=-1)
-        if dropout_p > 0:
-            weights = F.dropout(weights, p=dropout_p)
-        return torch.einsum("...ij,...jd->...id", weights, v)
-    raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    return out.reshape(*lead, *out.shape[1:])
+
+
+def _check_frame_mask(frame_mask: torch.Tensor, batch: int, frames: int) -> None:
+    if frame_mask.shape != (batch, frames) or frame_mask.dtype != torch.bool:
+        raise ValueError(
+            f"frame_mask must be a bool tensor [batch, frames] = [{batch}, {frames}] (True = real frame), "
+            f"got {frame_mask.dtype} {tuple(frame_mask.shape)}"
+        )
 
 
 class DividedAttention(nn.Module):
@@ -53,7 +201,7 @@ class DividedAttention(nn.Module):
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
-        backend: str = "sdpa",
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -73,28 +221,53 @@ class DividedAttention(nn.Module):
         nn.init.ones_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
-    def forward(self, x: torch.Tensor, frames: int, along: str) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, frames: int, along: str, frame_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [B, 1 + F*K, D] -> [B, 1 + F*K, D]; `frame_mask [B, F]` (True = real) hides padded frames."""
+        if along not in ("time", "space"):
+            raise ValueError(f"along must be 'time' or 'space', got {along!r}")
         b, t, d = x.shape
         h = self.num_heads
+        dh = d // h
         k_pos = (t - 1) // frames
         if k_pos * frames != t - 1:
             raise ValueError(f"{t - 1} patch tokens do not split into {frames} frames")
-        qkv = self.qkv(x).reshape(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4)  # 3, B, H, T, dh
-        q, k, v = qkv.unbind(0)
+        q, k, v = self.qkv(x).reshape(b, t, 3, h, dh).unbind(2)  # views, [B, T, H, dh]
         drop = self.attn_drop if self.training else 0.0
-        cls_out = attend(q[:, :, :1], k, v, self.backend, drop)  # [B, H, 1, dh]
+        real = None
+        if frame_mask is not None:
+            _check_frame_mask(frame_mask, b, frames)
+            real = torch.cat([frame_mask.new_ones(b, 1), frame_mask], dim=1)  # [B, 1 + F], CLS first
 
-        def grid(z: torch.Tensor) -> torch.Tensor:  # [B, H, F, K, dh]
-            z = z[:, :, 1:].reshape(b, h, frames, k_pos, -1)
-            return z.transpose(2, 3) if along == "time" else z
+        cls_mask = (
+            None if real is None else torch.cat([real[:, :1], real[:, 1:].repeat_interleave(k_pos, 1)], 1)
+        )
+        cls_out = attend(q[:, :1], k, v, self.backend, drop, cls_mask)  # one call over B sequences
 
-        qg, kg, vg = grid(q), grid(k), grid(v)  # time: [B,H,K,F,dh]; space: [B,H,F,K,dh]
-        groups = qg.shape[2]
-        cls_k = k[:, :, None, :1].expand(b, h, groups, 1, k.shape[-1])
-        cls_v = v[:, :, None, :1].expand(b, h, groups, 1, v.shape[-1])
-        out = attend(qg, torch.cat([cls_k, kg], dim=3), torch.cat([cls_v, vg], dim=3), self.backend, drop)
-        if along == "time":
-            out = out.transpose(2, 3)
-        out = torch.cat([cls_out, out.reshape(b, h, frames * k_pos, -1)], dim=2)
-        out = out.transpose(1, 2).reshape(b, t, d)
-        return self.proj_drop(self.proj(out))
+        def lines(z: torch.Tensor) -> torch.Tensor:  # time: [B, K, F, H, dh]; space: [B, F, K, H, dh]
+            z = z[:, 1:].unflatten(1, (frames, k_pos))
+            return z.transpose(1, 2) if along == "time" else z
+
+        qg, kg, vg = lines(q), lines(k), lines(v)
+        groups, length = qg.shape[1:3]
+
+        def with_cls(z: torch.Tensor, zg: torch.Tensor) -> torch.Tensor:  # [B*groups, 1 + length, H, dh]
+            return torch.cat([z[:, None, :1].expand(b, groups, 1, h, dh), zg], dim=2).flatten(0, 1)
+
+        line_mask = None
+        if real is not None and along == "time":
+            line_mask = real[:, None].expand(b, groups, 1 + frames).reshape(b * groups, 1 + frames)
+        out = attend(
+            qg.reshape(b * groups, length, h, dh),
+            with_cls(k, kg),
+            with_cls(v, vg),
+            self.backend,
+            drop,
+            line_mask,
+        )
+        out = out.unflatten(0, (b, groups))
+        merged = cls_out.new_empty(b, t, h, dh)
+        merged[:, :1] = cls_out
+        merged[:, 1:].unflatten(1, (frames, k_pos)).copy_(out.transpose(1, 2) if along == "time" else out)
+        return self.proj_drop(self.proj(merged.reshape(b, t, d)))

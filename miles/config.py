@@ -53,7 +53,7 @@ class ModelConfig:
     num_frames: int = 4
     drop_path: float = 0.0
     time_init: str = "zeros"  # "zeros": temporal attention starts as a no-op (the released default)
-    attention: str = "sdpa"  # sdpa | reference
+    attention: str = "auto"  # auto (xformers on CUDA where it loads, else sdpa) | xformers | sdpa | reference
     text_model: str = (
         "distilbert-base-uncased"  # a local HF folder, "minilm" (shipped demo model) or an arch name
     )
@@ -254,7 +254,11 @@ def validate(cfg: Config, *, check_files: bool = False) -> None:
     )
     _require(m.depth >= 1, "model.depth", "must be at least 1")
     _require(m.time_init in ("zeros", "random"), "model.time_init", "must be 'zeros' or 'random'")
-    _require(m.attention in ("sdpa", "reference"), "model.attention", "must be 'sdpa' or 'reference'")
+    _require(
+        m.attention in ("auto", "xformers", "sdpa", "reference"),
+        "model.attention",
+        f"must be 'auto', 'xformers', 'sdpa' or 'reference', got '{m.attention}'",
+    )
     _require(0.0 <= d.hflip <= 1.0, "data.hflip", f"is a probability, got {d.hflip}")
     _require(
         d.backend in ("reference", "auto"),

@@ -25,7 +25,7 @@ class MaskedFeaturePredictor(nn.Module):
         num_patches: int,
         num_frames: int,
         target_dim: int,
-        attention: str = "sdpa",
+        attention: str = "auto",
     ) -> None:
         super().__init__()
         self.embed = nn.Linear(embed_dim, dim)
@@ -41,8 +41,17 @@ class MaskedFeaturePredictor(nn.Module):
             trunc_normal_(tensor, std=0.02)
         self.apply(_init_weights)
 
-    def forward(self, features: VideoFeatures, visible: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-        """features.patches [B, F, K, D] at `visible` [B, K] -> predictions [B, F, N, target_dim]."""
+    def forward(
+        self,
+        features: VideoFeatures,
+        visible: torch.Tensor,
+        impl: str = "auto",
+        frame_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """features.patches [B, F, K, D] at `visible` [B, K] -> predictions [B, F, N, target_dim].
+
+        `frame_mask [B, F]` (True = real frame) hides padded frames from the temporal and CLS attention.
+        """
         y = self.embed(features.patches)
         grid = kernels.restore_tokens(
             y, visible, self.mask_token, self.pos_embed, self.temporal_embed, impl=impl
@@ -50,5 +59,5 @@ class MaskedFeaturePredictor(nn.Module):
         b, f = grid.shape[:2]
         x = torch.cat([self.embed(features.cls)[:, None], grid.flatten(1, 2)], dim=1)
         for blk in self.blocks:
-            x = blk(x, f)
+            x = blk(x, f, frame_mask)
         return self.head(self.norm(x[:, 1:])).reshape(b, f, grid.shape[2], -1)

@@ -14,6 +14,7 @@ import torch
 from data_dali.demo import write_demo_dataset
 from data_dali.manifest import read_manifest
 from miles import checkpoint as ckpt
+from miles.attention import resolve_attention, set_attention_backend
 from miles.config import Config, ConfigError, check_data_files
 from miles.distributed import barrier, init_distributed
 from miles.evaluate import chance_column, evaluate, format_table, read_classes
@@ -73,6 +74,7 @@ def run_pretraining(cfg: Config, out_dir: Path, resume: bool = False) -> dict[st
     """The whole job; returns what it writes to `out_dir/metrics.json` (rank 0)."""
     dist = init_distributed()
     main = dist.rank == 0
+    attention = resolve_attention(cfg.model.attention, dist.device)  # refuses xformers without CUDA, now
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     started = time.perf_counter()
@@ -101,7 +103,7 @@ def run_pretraining(cfg: Config, out_dir: Path, resume: bool = False) -> dict[st
             cfg.mvm.mode,
             cfg.mvm.mask_ratio,
             cfg.mvm.contrastive_input,
-            cfg.model.attention,
+            attention.describe(),
             cfg.data.backend,
             len(train_entries),
             len(val_entries),
@@ -110,6 +112,7 @@ def run_pretraining(cfg: Config, out_dir: Path, resume: bool = False) -> dict[st
         )
     seed_everything(cfg.train.seed)
     model = MilesModel(cfg)
+    set_attention_backend(model, attention.backend)
     trainer = Trainer(cfg, train_entries, out_dir, dist, model=model)
     latest = ckpt.latest_checkpoint(trainer.ckpt_dir) if resume else None
     if resume and latest is None:
@@ -141,6 +144,7 @@ def run_pretraining(cfg: Config, out_dir: Path, resume: bool = False) -> dict[st
             "preset": cfg.preset,
             "mvm_mode": cfg.mvm.mode,
             "attention": cfg.model.attention,
+            "attention_backend": attention.backend,
             "steps": summary["steps"],
             "train_seconds": summary["train_seconds"],
             "train_clips_per_s": summary["clips_per_s"],
@@ -197,6 +201,7 @@ def run_eval(
     cfg = config_from_dict(data)
     dist = init_distributed()
     model = MilesModel(cfg).to(dist.device)
+    set_attention_backend(model, resolve_attention(cfg.model.attention, dist.device).backend)
     model.load_state_dict(state["model"])
     entries = read_manifest(
         manifest,

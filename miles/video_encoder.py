@@ -14,7 +14,7 @@ import torch.nn as nn
 from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 
 import kernels
-from miles.attention import DividedAttention
+from miles.attention import DividedAttention, set_attention_backend
 
 
 class SpaceTimeBlock(nn.Module):
@@ -31,7 +31,7 @@ class SpaceTimeBlock(nn.Module):
         mlp_ratio: float = 4.0,
         drop_path: float = 0.0,
         time_init: str = "zeros",
-        attention: str = "sdpa",
+        attention: str = "auto",
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
@@ -44,9 +44,9 @@ class SpaceTimeBlock(nn.Module):
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
         self.norm3 = nn.LayerNorm(dim, eps=1e-6)
 
-    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
-        time_residual = x + self.timeattn(self.norm3(x), frames, "time")
-        space_residual = x + self.drop_path(self.attn(self.norm1(time_residual), frames, "space"))
+    def forward(self, x: torch.Tensor, frames: int, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+        time_residual = x + self.timeattn(self.norm3(x), frames, "time", frame_mask)
+        space_residual = x + self.drop_path(self.attn(self.norm1(time_residual), frames, "space", frame_mask))
         return space_residual + self.drop_path(self.mlp(self.norm2(space_residual)))
 
 
@@ -72,7 +72,7 @@ class SpaceTimeTransformer(nn.Module):
         num_frames: int = 4,
         drop_path_rate: float = 0.0,
         time_init: str = "zeros",
-        attention: str = "sdpa",
+        attention: str = "auto",
     ) -> None:
         super().__init__()
         self.embed_dim = embed_dim
@@ -100,9 +100,7 @@ class SpaceTimeTransformer(nn.Module):
                 blk.timeattn.zero_init()
 
     def set_attention_backend(self, backend: str) -> None:
-        for module in self.modules():
-            if isinstance(module, DividedAttention):
-                module.backend = backend
+        set_attention_backend(self, backend)
 
     def embed(self, video: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """video [B, F, 3, H, W] -> tokens [B, 1 + F*N, D] with position embeddings.
@@ -135,14 +133,24 @@ class SpaceTimeTransformer(nn.Module):
         return torch.cat([cls.expand(b, -1, -1).to(x.dtype), x.flatten(1, 2)], dim=1)
 
     def forward_visible(
-        self, video: torch.Tensor, visible: torch.Tensor, impl: str = "auto"
+        self,
+        video: torch.Tensor,
+        visible: torch.Tensor,
+        impl: str = "auto",
+        frame_mask: torch.Tensor | None = None,
     ) -> VideoFeatures:
         """Divided attention over the K visible positions per frame and F frames per position."""
-        return self.forward_tokens(self.embed_visible(video, visible, impl), video.shape[1])
+        return self.forward_tokens(self.embed_visible(video, visible, impl), video.shape[1], frame_mask)
 
-    def forward_tokens(self, x: torch.Tensor, frames: int) -> VideoFeatures:
+    def forward_tokens(
+        self, x: torch.Tensor, frames: int, frame_mask: torch.Tensor | None = None
+    ) -> VideoFeatures:
+        """The blocks and final norm; `frame_mask [B, F]` (True = real frame) hides padded frames as keys.
+
+        Features of padded frames are computed (finite) but meaningless: callers ignore them.
+        """
         for blk in self.blocks:
-            x = blk(x, frames)
+            x = blk(x, frames, frame_mask)
         normed = self.norm(x)
         b = x.shape[0]
         return VideoFeatures(
@@ -151,12 +159,20 @@ class SpaceTimeTransformer(nn.Module):
             last_hidden=x[:, 1:].reshape(b, frames, -1, self.embed_dim),
         )
 
-    def forward_features(self, video: torch.Tensor, mask: torch.Tensor | None = None) -> VideoFeatures:
-        return self.forward_tokens(self.embed(video, mask), video.shape[1])
+    def forward_features(
+        self,
+        video: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        frame_mask: torch.Tensor | None = None,
+    ) -> VideoFeatures:
+        return self.forward_tokens(self.embed(video, mask), video.shape[1], frame_mask)
 
-    def forward(self, video: torch.Tensor) -> torch.Tensor:
-        """The clip embedding (normed CLS), as the released model's `forward`."""
-        return self.forward_features(video).cls
+    def forward(self, video: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The clip embedding (normed CLS), as the released model's `forward`.
+
+        `frame_mask [B, F]` (True = real frame) lets clips with fewer real frames share a padded batch.
+        """
+        return self.forward_features(video, frame_mask=frame_mask).cls
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -64,6 +64,8 @@ def test_smoke_run_end_to_end(smoke_data: Path, tmp_path: Path) -> None:
     assert metrics["chance"]["top1"] == pytest.approx(100 / 7)
     assert metrics["untrained"]["t2v"]["R1"] >= 0
     assert metrics["skipped_videos"] == 0
+    assert metrics["attention"] == "auto" and metrics["attention_backend"] == "sdpa"  # auto on a CPU
+    assert (proc.stdout + proc.stderr).count("attention sdpa (auto: xformers has no CPU kernels") == 1
     log = _losses(run)
     assert [s for s, _, _ in log] == list(range(1, 7))
     assert all(torch.isfinite(torch.tensor([loss, mvm])).all() and mvm > 0 for _, loss, mvm in log)
