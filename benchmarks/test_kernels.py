@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import kernels
+from benchmarks.conftest import bench_rounds, pair
 
 F, N, C, RATIO = 4, 196, 768, 0.75
 BATCHES = [32, 128]
@@ -20,6 +21,10 @@ IMPLS = ["reference", "triton"]
 def _skip_unless_runnable(impl: str, device: torch.device) -> None:
     if impl == "triton" and device.type != "cuda":
         pytest.skip("Triton kernels run compiled only on CUDA; on this CPU they are tested, not timed")
+
+
+def _side(impl: str) -> str:
+    return "reference" if impl == "reference" else "fast"
 
 
 def _inputs(b: int, device: torch.device, dtype: torch.dtype):
@@ -38,15 +43,15 @@ def _timed(benchmark, fn, nbytes: int, device: torch.device) -> None:
             torch.cuda.synchronize(device)
 
     run()
-    benchmark.pedantic(run, rounds=10 if device.type == "cuda" else 3, iterations=1, warmup_rounds=1)
-    benchmark.extra_info["GB_per_s"] = nbytes / benchmark.stats.stats.mean / 1e9
+    benchmark.pedantic(run, rounds=bench_rounds(device, cpu=3, cuda=10), iterations=1, warmup_rounds=1)
+    benchmark.extra_info["gb_per_s"] = nbytes / benchmark.stats.stats.mean / 1e9
     benchmark.extra_info["bytes"] = nbytes
 
 
 @pytest.mark.parametrize("b", BATCHES)
 def test_copy_bandwidth(benchmark, b: int, device: torch.device) -> None:
     """The yardstick: a plain device copy of the kept tokens' bytes (read + write)."""
-    benchmark.group = f"tokens B={b}"
+    pair(benchmark, f"device copy B={b}", "yardstick", "copy")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     k = N - kernels.num_hidden(N, RATIO)
     src = torch.randn(b, F, k, C, device=device, dtype=dtype)
@@ -58,7 +63,7 @@ def test_copy_bandwidth(benchmark, b: int, device: torch.device) -> None:
 @pytest.mark.parametrize("b", BATCHES)
 def test_drop_tokens(benchmark, impl: str, b: int, device: torch.device) -> None:
     _skip_unless_runnable(impl, device)
-    benchmark.group = f"tokens B={b}"
+    pair(benchmark, f"drop_tokens B={b}", _side(impl), impl, yardstick=f"device copy B={b}")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     x, visible, pos, time = _inputs(b, device, dtype)
     k = visible.shape[1]
@@ -70,7 +75,7 @@ def test_drop_tokens(benchmark, impl: str, b: int, device: torch.device) -> None
 @pytest.mark.parametrize("b", BATCHES)
 def test_restore_tokens(benchmark, impl: str, b: int, device: torch.device) -> None:
     _skip_unless_runnable(impl, device)
-    benchmark.group = f"tokens B={b}"
+    pair(benchmark, f"restore_tokens B={b}", _side(impl), impl, yardstick=f"device copy B={b}")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     x, visible, pos, time = _inputs(b, device, dtype)
     k = visible.shape[1]
@@ -83,10 +88,36 @@ def test_restore_tokens(benchmark, impl: str, b: int, device: torch.device) -> N
 @pytest.mark.parametrize("impl", IMPLS)
 def test_tube_mask(benchmark, impl: str, device: torch.device) -> None:
     _skip_unless_runnable(impl, device)
-    benchmark.group = "tube mask B=128"
+    pair(benchmark, "tube_mask B=128", _side(impl), impl)
     _timed(
         benchmark,
         lambda: kernels.tube_mask(128, (14, 14), RATIO, seed=0, step=1, device=device, impl=impl),
         128 * N,
         device,
     )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_masked_feature_loss(benchmark, impl: str, device: torch.device) -> None:
+    """MVM loss forward + backward at base shapes (B=32, M=147 hidden of N=196, C=768).
+
+    `bytes` is what the fused kernel moves: the hidden pred and target rows read twice (forward, then
+    backward recomputes the normalised target) and the full pred gradient written once.
+    """
+    _skip_unless_runnable(impl, device)
+    b = 32
+    pair(benchmark, f"masked_feature_loss B={b}", _side(impl), impl)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator(device="cpu").manual_seed(0)
+    pred = torch.randn(b, F, N, C, generator=g).to(device, dtype).requires_grad_(True)
+    target = (3 * torch.randn(b, F, N, C, generator=g) + 1).to(device, dtype)
+    mask, visible = kernels.tube_mask(b, (14, 14), RATIO, seed=0, device=device)
+    hidden = kernels.hidden_indices(mask, N - visible.shape[1])
+    m = hidden.shape[1]
+    nbytes = (4 * b * F * m * C + b * F * N * C) * pred.element_size()
+
+    def step() -> None:
+        loss = kernels.masked_feature_loss(pred, target, hidden, impl=impl)
+        torch.autograd.grad(loss, (pred,))
+
+    _timed(benchmark, step, nbytes, device)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.conftest import peak_memory_mb, reset_peak_memory
+from benchmarks.conftest import bench_rounds, pair, peak_memory_info, peak_memory_mb, reset_peak_memory
 from kernels import tube_mask
 from miles.config import build_config
 from miles.model import MilesModel
@@ -28,6 +28,7 @@ PATHS = {
     "reference": ["mvm.mode=bert", "mvm.kernels=reference"],
     "fast": ["mvm.mode=drop", "mvm.kernels=auto"],
 }
+LABELS = {"reference": "bert + reference kernels", "fast": "drop + kernels auto"}
 
 
 def _step_fn(preset: str, path: str, device: torch.device):
@@ -71,11 +72,11 @@ def _step_fn(preset: str, path: str, device: torch.device):
 @pytest.mark.parametrize("path", ["reference", "fast"])
 @pytest.mark.parametrize("preset", ["demo", "base"])
 def test_train_step(benchmark, preset: str, path: str, device: torch.device) -> None:
-    benchmark.group = f"train step {preset}"
+    pair(benchmark, f"train step {preset}", path, LABELS[path])
     step, batch = _step_fn(preset, path, device)
     step()  # warm-up: allocator, lazy init
     reset_peak_memory(device)
-    rounds = 5 if preset == "demo" or device.type == "cuda" else 2
+    rounds = bench_rounds(device, cpu=5 if preset == "demo" else 2, cuda=5)
     benchmark.pedantic(step, rounds=rounds, iterations=1)
     benchmark.extra_info.update(
         preset=preset,
@@ -85,3 +86,4 @@ def test_train_step(benchmark, preset: str, path: str, device: torch.device) -> 
         peak_memory_mb=peak_memory_mb(device),
         device=str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
     )
+    benchmark.extra_info.update(peak_memory_info(device))

@@ -1,4 +1,4 @@
-"""The `miles` command: demo-data, pretrain, eval."""
+"""The `miles` command: demo-data, pretrain, eval, prepare, bench."""
 
 from __future__ import annotations
 
@@ -45,6 +45,30 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--classes", type=Path, default=None, help="class names, one per line (zero-shot)")
     ev.add_argument("--out", type=Path, default=None, help="write the metrics as JSON here")
     ev.add_argument("overrides", nargs="*", help="key=value overrides of the checkpoint's config")
+
+    prep = sub.add_parser("prepare", help="decode a manifest once into JPEG frame shards (resumable)")
+    prep.add_argument("manifest", type=Path, help="CSV/TSV/JSONL manifest of videos (or images) and captions")
+    prep.add_argument("out_dir", type=Path, help="output folder (rerun with the same arguments to resume)")
+    prep.add_argument("--fps", type=float, default=4.0, help="frames stored per second of video")
+    prep.add_argument("--size", type=int, default=256, help="short side in pixels (never upscaled)")
+    prep.add_argument("--quality", type=int, default=90, help="JPEG quality 1..100")
+    prep.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+    prep.add_argument("--clips-per-shard", type=int, default=1000)
+    prep.add_argument("--max-frames", type=int, default=512, help="frames kept per clip at most")
+    prep.add_argument("--video-column", default="video")
+    prep.add_argument("--caption-column", default="caption")
+
+    bench = sub.add_parser("bench", help="run the benchmark suites, write REPORT.md and ratios.png")
+    bench.add_argument(
+        "--suite", action="append", default=None, help="kernels|attention|data|train_step|all (default all)"
+    )
+    bench.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="JSON, report, chart")
+    bench.add_argument("--quick", action="store_true", help="one round per case: a smoke run")
+    bench.add_argument("--suite-timeout", type=float, default=None, help="seconds per suite before it is cut")
+    bench.add_argument("--junit", type=Path, action="append", default=None, help="test results to report")
+    bench.add_argument("--machine", default=None, help="machine name for the table (default: CPU / GPU)")
+    bench.add_argument("--report-only", action="store_true", help="run nothing, report the JSON in --out")
+    bench.add_argument("--note", action="append", default=None, help="a line for the report's notes")
     return parser
 
 
@@ -68,6 +92,35 @@ def main(argv: list[str] | None = None) -> int:
             from miles.pretrain import run_eval
 
             run_eval(args.checkpoint, args.data, args.out, args.classes, args.overrides)
+        elif args.command == "prepare":
+            from data_dali.shards import prepare_shards
+
+            report = prepare_shards(
+                args.manifest,
+                args.out_dir,
+                fps=args.fps,
+                size=args.size,
+                quality=args.quality,
+                workers=args.workers,
+                clips_per_shard=args.clips_per_shard,
+                max_frames=args.max_frames,
+                video_column=args.video_column,
+                caption_column=args.caption_column,
+            )
+            print(report.summary())
+        elif args.command == "bench":
+            from miles.bench import main as bench_main
+
+            return bench_main(
+                args.suite or ["all"],
+                args.out,
+                quick=args.quick,
+                timeout_s=args.suite_timeout,
+                junit_paths=args.junit,
+                machine=args.machine,
+                report_only=args.report_only,
+                notes=args.note,
+            )
     except (ConfigError, ManifestError, FileNotFoundError, ValueError, RuntimeError) as err:
         if os.environ.get("MILES_TRACEBACK"):
             raise

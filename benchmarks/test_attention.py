@@ -1,0 +1,75 @@
+"""Divided space-time attention (temporal then spatial, as in one encoder block, with the residuals)
+forward + backward: the einsum reference against SDPA and xformers, at the `demo` and `base` shapes,
+on the full grid (`bert`, K = N tokens per frame) and after token dropping (`drop`, K visible at 0.75).
+
+Every backend gets the same weights and the same input in the same run. The xformers cases need CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import miles.attention as attention
+from benchmarks.conftest import bench_rounds, pair, peak_memory_info, reset_peak_memory
+from kernels import num_hidden
+from miles.attention import DividedAttention
+
+FRAMES, RATIO = 4, 0.75
+# preset: (embed dim, heads, grid side, CPU batch, CUDA batch), as in miles/configs/{demo,base}.yaml.
+SHAPES = {"demo": (128, 4, 6, 32, 128), "base": (768, 12, 14, 2, 32)}
+BACKENDS = ["reference", "sdpa", "xformers"]
+
+
+def _skip_unless_runnable(backend: str, device: torch.device) -> None:
+    known = getattr(attention, "ATTENTION_BACKENDS", getattr(attention, "BACKENDS", ()))
+    if backend not in known:
+        pytest.skip(f"miles.attention has no {backend!r} backend (has {', '.join(known)})")
+    if backend == "xformers":
+        if device.type != "cuda":
+            pytest.skip("xformers has no CPU kernels")
+        probe = getattr(attention, "probe_xformers", None)  # runs one real call: wheels may lack kernels
+        ok, why = probe(device) if probe is not None else (True, "")
+        if not ok:
+            pytest.skip(why)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["bert", "drop"])
+@pytest.mark.parametrize("preset", ["demo", "base"])
+def test_divided_attention(benchmark, preset: str, mode: str, backend: str, device: torch.device) -> None:
+    _skip_unless_runnable(backend, device)
+    dim, heads, side, cpu_batch, cuda_batch = SHAPES[preset]
+    batch = cuda_batch if device.type == "cuda" else cpu_batch
+    n = side * side
+    k = n - num_hidden(n, RATIO) if mode == "drop" else n
+    pair(
+        benchmark,
+        f"attention {preset} {mode} B={batch} K={k}",
+        "reference" if backend == "reference" else "fast",
+        backend,
+    )
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    torch.manual_seed(0)  # same weights for every backend
+    time_attn = DividedAttention(dim, heads, backend=backend).to(device, dtype)
+    space_attn = DividedAttention(dim, heads, backend=backend).to(device, dtype)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    x = torch.randn(batch, 1 + FRAMES * k, dim, generator=g).to(device, dtype).requires_grad_()
+    grad_out = torch.randn(x.shape, generator=g).to(device, dtype)
+    params = [*time_attn.parameters(), *space_attn.parameters()]
+
+    def step() -> None:
+        h = x + time_attn(x, FRAMES, "time")
+        out = h + space_attn(h, FRAMES, "space")
+        torch.autograd.grad(out, [x, *params], grad_out)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    step()  # warm-up: kernel selection, allocator
+    reset_peak_memory(device)
+    benchmark.pedantic(step, rounds=bench_rounds(device, cpu=5, cuda=20), iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update(
+        preset=preset, mode=mode, batch=batch, clips_per_s=batch / benchmark.stats.stats.mean
+    )
+    benchmark.extra_info.update(peak_memory_info(device))

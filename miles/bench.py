@@ -1,0 +1,542 @@
+"""`miles bench`: run the pytest-benchmark suites that this machine can run and write the report.
+
+The suites in `benchmarks/` follow one pairing convention (see `benchmarks/conftest.py`): the benchmark
+group is the case, `extra_info["path"]` says reference / fast / yardstick and `extra_info["label"]` names
+the variant. `write_report` turns any set of pytest-benchmark JSON files into `REPORT.md` (one row per
+fast variant: its speed-up over the reference of the same case, same inputs, same run) and `ratios.png`.
+It is used on its own by `benchmarks/gpu_check.sh`, with the CUDA test results added.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+SUITES = {
+    "kernels": "test_kernels.py",
+    "attention": "test_attention.py",
+    "data": "test_data_loading.py",
+    "train_step": "test_train_step.py",
+}
+REPORT_NAME = "REPORT.md"
+CHART_NAME = "ratios.png"
+SPEEDUP_HEADER = "speed-up (reference time / fast time)"
+TABLE_HEADER = [
+    "case",
+    "fast variant",
+    "reference",
+    "fast",
+    SPEEDUP_HEADER,
+    "peak memory ref / fast",
+    "machine",
+    "date",
+]
+
+
+class BenchError(RuntimeError):
+    """A suite or benchmark file that cannot be used, with what to do about it."""
+
+
+@dataclass
+class _Timing:
+    fullname: str
+    case: str
+    path: str
+    label: str
+    median_s: float
+    mean_s: float
+    rounds: int
+    extra: dict[str, Any]
+    machine: str
+    date: str
+    stamp: str  # ISO datetime of the run, to keep the newest result of one test
+
+
+@dataclass
+class _Runs:
+    timings: dict[str, _Timing] = field(default_factory=dict)
+    # "<machine>::<test id>" -> timing / (reason, stamp): one machine's newest outcome of each test
+    skipped: dict[str, tuple[str, str]] = field(default_factory=dict)
+    failed: dict[str, tuple[str, str]] = field(default_factory=dict)
+    machines: dict[str, str] = field(default_factory=dict)  # short name -> long description
+    notes: list[str] = field(default_factory=list)  # what `run_suites` saved about a suite's run
+
+
+def describe_machine(machine_info: dict[str, Any]) -> tuple[str, str]:
+    """(short name for the table, long description) from pytest-benchmark's `machine_info`."""
+    cpu = machine_info.get("cpu_model") or machine_info.get("cpu", {}).get("brand_raw") or "unknown CPU"
+    cores = machine_info.get("cpu_count") or machine_info.get("cpu", {}).get("count")
+    cpu_text = f"{cpu}, {cores} cores" if cores else str(cpu)
+    gpu = machine_info.get("cuda_device")
+    short = gpu or cpu_text
+    parts = [f"GPU: {gpu} ({machine_info.get('cuda_memory_gb', '?')} GiB)"] if gpu else []
+    parts.append(f"CPU: {cpu_text}")
+    if machine_info.get("torch"):
+        cuda = f", CUDA {machine_info['cuda_version']}" if machine_info.get("cuda_version") else ""
+        parts.append(f"torch {machine_info['torch']}{cuda}")
+    parts.append(f"Python {machine_info.get('python_version', '?')}")
+    if machine_info.get("quick"):
+        parts.append("quick run (MILES_BENCH_QUICK: one round per case on CPU)")
+    return short, "; ".join(parts)
+
+
+def local_machine() -> str:
+    """This machine's short name, as `describe_machine` would give it (for a report with no JSON)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def _load(paths: list[Path], machine: str | None) -> _Runs:
+    runs, newest = _Runs(), {}
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise BenchError(
+                f"{path}: not a readable pytest-benchmark JSON ({err}); rerun `miles bench`"
+            ) from err
+        if not isinstance(data, dict) or "benchmarks" not in data:
+            raise BenchError(f"{path}: no 'benchmarks' key, so not a pytest-benchmark --benchmark-json file")
+        short, long = describe_machine(data.get("machine_info", {}))
+        if machine:
+            short = machine
+        stamp = str(data.get("datetime", ""))
+        if stamp >= newest.get(short, ""):  # the newest file describes the machine (torch version etc.)
+            runs.machines[short], newest[short] = long, stamp
+        runs.notes.extend(str(n) for n in data.get("notes", []))
+        date = stamp[:10] or "?"
+        for b in data["benchmarks"]:
+            extra = dict(b.get("extra_info") or {})
+            fullname = b.get("fullname") or b["name"]
+            old = runs.timings.get(f"{short}::{fullname}")
+            if old is not None and old.stamp > stamp:
+                continue
+            runs.timings[f"{short}::{fullname}"] = _Timing(
+                fullname=fullname,
+                case=b.get("group") or b["name"],
+                path=str(extra.get("path", "")),
+                label=str(extra.get("label", b.get("param") or b["name"])),
+                median_s=float(b["stats"]["median"]),
+                mean_s=float(b["stats"]["mean"]),
+                rounds=int(b["stats"].get("rounds", 0)),
+                extra=extra,
+                machine=short,
+                date=date,
+                stamp=stamp,
+            )
+        for key, target in (("skipped", runs.skipped), ("failed", runs.failed)):
+            for item in data.get(key, []):
+                name = f"{short}::{item['fullname']}"
+                if name not in target or target[name][1] <= stamp:
+                    target[name] = (str(item.get("reason", "")), stamp)
+    # A test that has a newer timing than its skip / failure ran after all (and the other way round).
+    for key in ("skipped", "failed"):
+        target = getattr(runs, key)
+        for name in list(target):
+            timing = runs.timings.get(name)
+            if timing is not None:
+                if timing.stamp >= target[name][1]:
+                    del target[name]
+                else:
+                    del runs.timings[name]
+    return runs
+
+
+def _fmt_time(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.1f} µs"
+
+
+def _throughput(t: _Timing) -> tuple[str, float] | None:
+    """(unit, value at the median time): the recorded value is work / mean time, so rescale it."""
+    for key, unit in (("clips_per_s", "clips/s"), ("gb_per_s", "GB/s"), ("GB_per_s", "GB/s")):
+        if isinstance(t.extra.get(key), (int, float)):
+            return unit, float(t.extra[key]) * t.mean_s / t.median_s
+    return None
+
+
+def _fmt_timing(t: _Timing, yardsticks: dict[tuple[str, str], _Timing]) -> str:
+    text = _fmt_time(t.median_s)
+    tp = _throughput(t)
+    if tp is not None:
+        unit, value = tp
+        text += f", {value:,.0f} {unit}" if value >= 1000 else f", {value:.3g} {unit}"
+        bound = yardsticks.get((str(t.extra.get("yardstick", "")), t.machine))
+        bound_tp = _throughput(bound) if bound is not None else None
+        if unit == "GB/s" and bound_tp is not None and bound_tp[1] > 0:
+            text += f" ({100 * value / bound_tp[1]:.0f}% of copy)"
+    return text
+
+
+def _peak(t: _Timing | None) -> str | None:
+    if t is None:
+        return None
+    if isinstance(t.extra.get("peak_mem_bytes"), (int, float)):
+        value = float(t.extra["peak_mem_bytes"]) / 2**30
+    elif isinstance(t.extra.get("peak_memory_mb"), (int, float)):  # files written before the convention
+        value = float(t.extra["peak_memory_mb"]) / 1024
+    else:
+        return None
+    return None if math.isnan(value) else f"{value:.2f}"
+
+
+def _peak_kind(timings: list[_Timing]) -> str:
+    kinds = {str(t.extra.get("peak_mem_kind", "")) for t in timings if "peak_mem_kind" in t.extra}
+    names = {"cuda_max_allocated": "CUDA max allocated", "cpu_peak_rss": "CPU peak RSS"}
+    return " / ".join(names.get(k, k) for k in sorted(kinds)) or "CPU peak RSS or CUDA max allocated"
+
+
+@dataclass
+class ReportRow:
+    """One table row: a fast variant of a case against that case's reference."""
+
+    case: str
+    label: str
+    reference: str
+    fast: str
+    speedup: float | None
+    peak: str
+    machine: str
+    date: str
+
+
+def _rows(runs: _Runs) -> tuple[list[ReportRow], list[_Timing], list[_Timing]]:
+    """Paired rows, the yardsticks, and timings that follow no convention (listed, never dropped)."""
+    by_case: dict[tuple[str, str], dict[str, list[_Timing]]] = {}
+    for t in runs.timings.values():
+        by_case.setdefault((t.case, t.machine), {}).setdefault(t.path, []).append(t)
+    yardsticks = {(t.case, t.machine): t for t in runs.timings.values() if t.path == "yardstick"}
+    rows, unpaired = [], []
+    for case, machine in sorted(by_case):
+        sides = by_case[(case, machine)]
+        refs, fasts = sides.get("reference", []), sorted(sides.get("fast", []), key=lambda t: t.label)
+        ref = refs[0] if refs else None
+        for extra_ref in refs[1:]:
+            unpaired.append(extra_ref)
+        for other in set(sides) - {"reference", "fast", "yardstick"}:
+            unpaired.extend(sides[other])
+        if ref is not None and not fasts:
+            fasts = [None]
+        for fast in fasts:
+            if ref is None and fast is None:
+                continue
+            peaks = (_peak(ref), _peak(fast))
+            peak = " / ".join(p or "–" for p in peaks) + " GiB" if any(peaks) else "–"
+            main = fast or ref
+            rows.append(
+                ReportRow(
+                    case=case,
+                    label=fast.label if fast else "–",
+                    reference=_fmt_timing(ref, yardsticks) if ref else "missing (see skipped / failed)",
+                    fast=_fmt_timing(fast, yardsticks) if fast else "not run (see skipped / failed)",
+                    speedup=ref.median_s / fast.median_s if ref and fast else None,
+                    peak=peak,
+                    machine=main.machine,
+                    date=main.date,
+                )
+            )
+    return rows, sorted(yardsticks.values(), key=lambda t: t.case), unpaired
+
+
+def _table(rows: list[ReportRow]) -> list[str]:
+    lines = [
+        "| " + " | ".join(TABLE_HEADER) + " |",
+        "|" + "|".join(["---"] * 2 + ["---:"] * 4 + ["---"] * 2) + "|",
+    ]
+    for r in rows:
+        speedup = f"**{r.speedup:.2f}x**" if r.speedup is not None else "–"
+        cells = [r.case, r.label, r.reference, r.fast, speedup, r.peak, r.machine, r.date]
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    return lines
+
+
+def _outcome_lines(outcomes: dict[str, tuple[str, str]]) -> list[str]:
+    lines = []
+    for key, (reason, _) in sorted(outcomes.items()):
+        machine, name = key.split("::", 1)
+        lines.append(f"- `{name}` ({machine}): {reason}")
+    return lines
+
+
+def _tests_section(junit_paths: list[Path]) -> list[str]:
+    lines = ["## Tests", ""]
+    for path in junit_paths:
+        path = Path(path)
+        if not path.is_file():
+            lines.append(f"- `{path}`: missing (the test stage did not finish; see its log)")
+            continue
+        try:
+            root = ET.parse(path).getroot()
+        except ET.ParseError as err:
+            lines.append(f"- `{path}`: unreadable JUnit XML ({err})")
+            continue
+        suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+        total = sum(int(s.get("tests", 0)) for s in suites)
+        bad = sum(int(s.get("failures", 0)) + int(s.get("errors", 0)) for s in suites)
+        skipped = sum(int(s.get("skipped", 0)) for s in suites)
+        lines.append(f"- `{path.name}`: {total - bad - skipped} passed, {bad} failed, {skipped} skipped")
+        for case in root.iter("testcase"):
+            for tag in ("failure", "error"):
+                node = case.find(tag)
+                if node is not None:
+                    message = (node.get("message") or "").strip().splitlines()
+                    first = message[0][:200] if message else tag
+                    lines.append(f"  - FAILED `{case.get('classname')}::{case.get('name')}`: {first}")
+    return lines + [""]
+
+
+def write_chart(rows: list[ReportRow], path: Path) -> Path:
+    """Horizontal bars of the speed-ups with a line at 1.0 (parity); an empty chart says why."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paired = [r for r in rows if r.speedup is not None]
+    fig, ax = plt.subplots(figsize=(8, 0.4 * max(len(paired), 3) + 1.2))
+    if paired:
+        labels = [f"{r.case} ({r.label})" for r in paired]
+        values = [r.speedup for r in paired]
+        colors = ["tab:green" if v >= 1 else "tab:red" for v in values]
+        ax.barh(range(len(paired)), values, color=colors)
+        ax.set_yticks(range(len(paired)), labels, fontsize=8)
+        ax.invert_yaxis()
+        for i, v in enumerate(values):
+            ax.text(v, i, f" {v:.2f}x", va="center", fontsize=8)
+        ax.set_xlim(0, max(values) * 1.2)
+    else:
+        ax.text(0.5, 0.5, "no paired cases ran on this machine", ha="center", va="center")
+        ax.set_yticks([])
+    ax.axvline(1.0, color="black", linewidth=1, linestyle="--")
+    ax.set_xlabel(SPEEDUP_HEADER)
+    machines = sorted({r.machine for r in paired})
+    ax.set_title(
+        "MILES fast paths vs reference" + (f" ({'; '.join(machines)})" if machines else ""), fontsize=9
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(
+    benchmark_json_paths: list[Path] | list[str],
+    out_dir: Path | str,
+    machine: str | None = None,
+    junit_paths: list[Path] | None = None,
+    notes: list[str] | None = None,
+) -> Path:
+    """Write `REPORT.md` and `ratios.png` into `out_dir` from pytest-benchmark JSON files; return the report.
+
+    Later runs of the same test replace earlier ones, so files of several runs merge. `machine` names
+    the machine in the table instead of the JSON's CPU / GPU; `junit_paths` adds test results (the CUDA
+    tests of gpu_check.sh); `notes` are stage failures worth a line (a suite that crashed or timed out).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = _load([Path(p) for p in benchmark_json_paths], machine)
+    rows, yardsticks, unpaired = _rows(runs)
+    all_timings = list(runs.timings.values())
+    lines = ["# MILES benchmark report", ""]
+    lines.append(f"Written {datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')} by `miles bench`.")
+    lines.append("")
+    for short, long in sorted(runs.machines.items()):
+        lines.append(f"- **{short}**: {long}")
+    if not runs.machines:
+        lines.append(f"- **{machine or local_machine()}**: no benchmark ran")
+    lines += [
+        "",
+        "Fast path against reference, same inputs in the same run. Times are the median per round "
+        "(throughput at that time); speed-up = reference time / fast time, above 1 means the fast path "
+        f"is faster. Peak memory per case: {_peak_kind(all_timings)}.",
+        "",
+        *_table(rows),
+        "",
+    ]
+    if yardsticks:
+        lines += ["Yardsticks (bounds, not paired):", ""]
+        lines += [f"- {t.case} ({t.label}): {_fmt_timing(t, {})}, {t.machine}, {t.date}" for t in yardsticks]
+        lines.append("")
+    if unpaired:
+        lines += ["Timings outside the pairing convention:", ""]
+        lines += [f"- `{t.fullname}` (group {t.case!r}): {_fmt_timing(t, {})}" for t in unpaired]
+        lines.append("")
+    if runs.failed:
+        lines += ["## Failed cases", ""]
+        lines += _outcome_lines(runs.failed)
+        lines.append("")
+    lines += ["## Skipped cases", ""]
+    lines += _outcome_lines(runs.skipped) or ["- none"]
+    lines.append("")
+    if junit_paths:
+        lines += _tests_section(junit_paths)
+    notes = [*runs.notes, *[n for n in notes or [] if n not in runs.notes]]
+    if notes:
+        lines += ["## Notes", "", *[f"- {note}" for note in notes], ""]
+    chart = write_chart(rows, out_dir / CHART_NAME)
+    lines += [f"![speed-ups]({chart.name})", ""]
+    report = out_dir / REPORT_NAME
+    tmp = report.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.replace(report)
+    return report
+
+
+def suite_files(names: list[str]) -> tuple[dict[str, Path], list[str]]:
+    """The suites to run and notes for the ones that do not exist in this checkout."""
+    if not BENCH_DIR.is_dir():
+        raise BenchError(f"{BENCH_DIR}: no benchmarks folder; run `miles bench` from a MILES source checkout")
+    wanted = list(SUITES) if "all" in names else names
+    found, notes = {}, []
+    for name in wanted:
+        if name not in SUITES:
+            raise BenchError(f"unknown suite {name!r}; choose from: {', '.join([*SUITES, 'all'])}")
+        path = BENCH_DIR / SUITES[name]
+        if path.is_file():
+            found[name] = path
+        elif "all" in names:
+            notes.append(f"suite {name}: {path.name} does not exist in this checkout, not run")
+        else:
+            raise BenchError(f"suite {name!r}: {path} does not exist in this checkout")
+    return found, notes
+
+
+def _outcomes_from_junit(path: Path) -> dict[str, list[dict[str, str]]]:
+    """Skipped and failed tests of a JUnit XML file, in the benchmark JSON's "skipped" / "failed" form."""
+    found: dict[str, list[dict[str, str]]] = {"skipped": [], "failed": []}
+    if not path.is_file():
+        return found
+    for case in ET.parse(path).getroot().iter("testcase"):
+        module = (case.get("classname") or "").replace(".", "/")
+        fullname = f"{module}.py::{case.get('name')}"
+        for tag, key in (("skipped", "skipped"), ("failure", "failed"), ("error", "failed")):
+            node = case.find(tag)
+            if node is not None:
+                reason = (node.get("message") or tag).strip().splitlines()
+                found[key].append({"fullname": fullname, "reason": reason[0] if reason else tag})
+    return found
+
+
+def _machine_info() -> dict[str, Any]:
+    """The conftest's machine facts, for a suite where no benchmark ran (so pytest-benchmark wrote none)."""
+    info: dict[str, Any] = {"cpu_model": local_machine().rsplit(",", 1)[0], "cpu_count": os.cpu_count()}
+    info["python_version"] = platform.python_version()
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["cuda_device"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return info
+
+
+def run_suites(
+    names: list[str], out_dir: Path, quick: bool = False, timeout_s: float | None = None
+) -> tuple[list[Path], list[str], bool]:
+    """Run each suite in its own pytest process (one crash cannot take the others down).
+
+    Returns the benchmark JSON files written (`<out_dir>/<suite>.json`), notes on suites that failed,
+    timed out or timed nothing, and whether every suite passed. A suite that timed nothing still gets a
+    JSON (no timings, its skipped / failed cases from pytest's JUnit XML), so no stale file survives.
+    """
+    suites, notes = suite_files(names)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if quick:
+        env["MILES_BENCH_QUICK"] = "1"
+    written, ok = [], True
+    for name, path in suites.items():
+        target = out_dir / f"{name}.json"
+        fresh, junit = out_dir / f".{name}.json.tmp", out_dir / f".{name}.junit.xml"
+        fresh.unlink(missing_ok=True)
+        junit.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=-rs", str(path)]
+        cmd += [
+            f"--benchmark-json={fresh}",
+            f"--junitxml={junit}",
+            "--benchmark-columns=min,median,mean,rounds",
+        ]
+        print(f"== suite {name}: {' '.join(cmd[1:])}", flush=True)
+        try:
+            code = subprocess.run(cmd, cwd=BENCH_DIR.parent, env=env, timeout=timeout_s).returncode
+            if code != 0:
+                notes.append(f"suite {name}: pytest exit code {code}")
+        except subprocess.TimeoutExpired:
+            notes.append(f"suite {name}: timed out after {timeout_s:.0f} s")
+            code = -1
+        ok = ok and code == 0
+        if not fresh.is_file():
+            notes.append(f"suite {name}: no case was timed (all skipped or failed, or pytest stopped early)")
+            data = {"machine_info": _machine_info(), "datetime": datetime.now().isoformat(), "benchmarks": []}
+            fresh.write_text(json.dumps({**data, **_outcomes_from_junit(junit)}, indent=2))
+        junit.unlink(missing_ok=True)
+        suite_notes = [n for n in notes if n.startswith(f"suite {name}:")]
+        if suite_notes:  # kept in the JSON, so a later report (gpu_check.sh's last stage) still says so
+            data = json.loads(fresh.read_text())
+            fresh.write_text(json.dumps({**data, "notes": suite_notes}, indent=2))
+        fresh.replace(target)
+        written.append(target)
+    return written, notes, ok
+
+
+def existing_results(out_dir: Path) -> list[Path]:
+    """The pytest-benchmark JSON files already in `out_dir` (older runs of suites not rerun now)."""
+    found = []
+    for path in sorted(Path(out_dir).glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(data, dict) and "benchmarks" in data and "machine_info" in data:
+            found.append(path)
+    return found
+
+
+def main(
+    suites: list[str],
+    out_dir: Path,
+    quick: bool = False,
+    timeout_s: float | None = None,
+    junit_paths: list[Path] | None = None,
+    machine: str | None = None,
+    report_only: bool = False,
+    notes: list[str] | None = None,
+) -> int:
+    """Run the suites (unless `report_only`), then report every result file in `out_dir`; print the table.
+
+    Returns the exit code: 1 when a suite failed or timed out (the report is written all the same).
+    """
+    notes, ok = list(notes or []), True
+    if not report_only:
+        names = [n.strip() for arg in suites for n in arg.split(",") if n.strip()]
+        _, run_notes, ok = run_suites(names, out_dir, quick=quick, timeout_s=timeout_s)
+        notes += run_notes
+    report = write_report(
+        existing_results(out_dir), out_dir, machine=machine, junit_paths=junit_paths, notes=notes
+    )
+    print(report.read_text())
+    print(f"report: {report}\nchart: {report.parent / CHART_NAME}")
+    return 0 if ok else 1
