@@ -1,0 +1,673 @@
+"""The DALI loader: the reference loader's batches, decoded and augmented by DALI graphs.
+
+It yields exactly the reference collator's batch dict (video [B, F, 3, H, W] float32, input_ids,
+attention_mask, index, captions, skipped), walks the same :class:`ShardedEpochSampler` order and draws
+every clip's frames, crop and flip from ``sample_rng(seed, epoch, index)`` like the reference, so
+switching ``data.backend`` changes speed, not the experiment.
+
+Bad clips. DALI's decoders do not skip a bad sample: a corrupt video or JPEG fails the whole batch with a
+pipeline error (and leaves the pipeline unusable), and a video shorter than its header says would come
+back padded with black frames under the default ``pad_mode``. So:
+
+1. before feeding, each clip is checked cheaply and on its own (file exists and is not empty, PyAV opens
+   the container and finds a video stream with a frame count, shard frames start with a JPEG marker);
+   a clip that fails is replaced (training) or flagged (evaluation) exactly as in the reference;
+2. the video decoder runs with ``pad_mode="none"``, so missing frames raise instead of turning black;
+3. when a batch still fails inside DALI, the pipeline is rebuilt and every clip of that batch is decoded
+   on its own by the reference decoders (PyAV / PIL), which decide good or bad per clip as the reference
+   loader does; the good ones still go through the same DALI augmentation graph.
+
+``skipped`` names every replaced or dropped clip, as in the reference.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import torch
+from PIL import Image
+
+from data_dali.dali_pipeline import (
+    CPU_VIDEO_CODECS,
+    build_frames_pipeline,
+    build_shard_pipeline,
+    build_video_pipeline,
+    draw_box,
+    plan_clip,
+)
+from data_dali.manifest import ManifestEntry, is_image
+from data_dali.reference_loader import (
+    MAX_SUBSTITUTIONS,
+    ShardedEpochSampler,
+    VideoDecodeError,
+    VideoTextCollator,
+    _check_file,
+    _frame_count,
+    decode_frames,
+    sample_frame_indices,
+    sample_rng,
+)
+from data_dali.shards import ShardError, ShardIndex
+
+__all__ = [
+    "DaliLoader",
+    "DaliUnsupportedError",
+    "RawVideoClips",
+    "ShardClips",
+    "VideoInfo",
+    "build_dali_loader",
+    "dali_support",
+    "probe_video",
+    "resolve_device_id",
+]
+
+log = logging.getLogger(__name__)
+
+_JPEG_SOI = b"\xff\xd8"
+# dali_support probes this many manifest entries (spread over the manifest) for their codec.
+_SUPPORT_PROBES = 64
+# The DALI CPU loader checks the codec of this many leading entries when it is built.
+_EARLY_PROBES = 8
+
+
+class DaliUnsupportedError(RuntimeError):
+    """The data cannot be decoded by DALI on this device; the message names the file and the way out."""
+
+
+def _unsupported_message(path: Path | str, codec: str) -> str:
+    return (
+        f"{path} is {codec}, which DALI's CPU video decoder cannot decode (it handles "
+        f"{', '.join(sorted(CPU_VIDEO_CODECS))} only); prepare frame shards with `miles prepare MANIFEST "
+        "OUT_DIR` and train from OUT_DIR, run on a GPU, or set data.backend=reference (PyAV)"
+    )
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """Container metadata of one video; ``frames`` is 0 when the container does not say."""
+
+    codec: str
+    frames: int
+    height: int
+    width: int
+
+
+def probe_video(path: Path) -> VideoInfo:
+    """Codec, frame count and size from the container header, without decoding a frame.
+
+    Raises :class:`VideoDecodeError` naming the file for a missing, empty or unreadable file.
+    """
+    path = Path(path)
+    _check_file(path)
+    try:
+        with av.open(str(path), mode="r") as container:
+            if not container.streams.video:
+                raise VideoDecodeError(f"{path} has no video stream")
+            stream = container.streams.video[0]
+            ctx = stream.codec_context
+            return VideoInfo(ctx.name, _frame_count(container, stream), int(ctx.height), int(ctx.width))
+    except VideoDecodeError:
+        raise
+    except (av.error.FFmpegError, OSError, ValueError) as e:
+        raise VideoDecodeError(f"cannot open {path} as a video: {e}") from e
+
+
+def resolve_device_id(device: str | torch.device | None) -> int | None:
+    """DALI's ``device_id``: the CUDA index for a CUDA device, None (CPU pipelines) otherwise.
+
+    ``None`` or ``"auto"`` picks the current CUDA device when there is one.
+    """
+    if device is None or device == "auto":
+        return torch.cuda.current_device() if torch.cuda.is_available() else None
+    device = torch.device(device)
+    if device.type == "cpu":
+        return None
+    if device.type != "cuda":
+        raise ValueError(f"DALI runs on cpu or cuda devices, not {device}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device} was asked for but CUDA is not available; use device=cpu")
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@dataclass
+class _Prepared:
+    """One clip ready for a batched DALI run: its plan and the per-sample pipeline inputs."""
+
+    index: int
+    name: str
+    caption: str
+    box: tuple[float, float, float, float]
+    flip: bool
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class _Decoded:
+    """One clip decoded by the reference decoders, for the augmentation-only pipeline."""
+
+    index: int
+    name: str
+    caption: str
+    frames: np.ndarray
+    box: tuple[float, float, float, float]
+    flip: bool
+
+
+class _Clips:
+    """What the loader needs from a source: batched-pipeline inputs and a per-clip reference decode."""
+
+    def __init__(
+        self, *, num_frames: int, size: int, train: bool, seed: int, hflip: float, device_id: int | None
+    ) -> None:
+        self.num_frames = num_frames
+        self.size = size
+        self.train = train
+        self.seed = seed
+        self.hflip = hflip
+        self.device_id = device_id
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Frames, crops and flips change per epoch (the trainer calls this through set_loader_epoch)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def name(self, j: int) -> str:
+        """How ``skipped`` names clip ``j``."""
+        raise NotImplementedError
+
+    def prepare(self, j: int) -> _Prepared | None:
+        """Inputs for the batched pipeline; None when only the reference decoder can read this clip.
+
+        Raises VideoDecodeError for a clip that is bad.
+        """
+        raise NotImplementedError
+
+    def decode_reference(self, j: int) -> _Decoded:
+        """Clip ``j`` decoded by the reference decoders (raises VideoDecodeError for a bad clip)."""
+        raise NotImplementedError
+
+    def build_pipeline(self, batch_size: int, num_threads: int) -> Any:
+        raise NotImplementedError
+
+    def _tile(self, frames: np.ndarray) -> np.ndarray:
+        # One-frame clips (images) become F identical frames, as the reference collator tiles them.
+        if frames.shape[0] == 1 and self.num_frames > 1:
+            frames = np.repeat(frames, self.num_frames, axis=0)
+        return np.ascontiguousarray(frames)
+
+
+class RawVideoClips(_Clips):
+    """Manifest entries decoded from the video files (``fn.decoders.video``)."""
+
+    def __init__(self, entries: Sequence[ManifestEntry], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not entries:
+            raise ValueError("the DALI loader needs at least one manifest entry")
+        self.entries = list(entries)
+        self._probes: dict[Path, VideoInfo | VideoDecodeError] = {}
+        if self.device_id is None:
+            # Fail before training starts when the first files already show the CPU cannot decode them;
+            # every later clip is still checked when it is prepared.
+            for j in range(min(_EARLY_PROBES, len(self.entries))):
+                if is_image(self.entries[j].video):
+                    continue
+                try:
+                    codec = self.probe(j).codec
+                except VideoDecodeError:
+                    continue
+                if codec not in CPU_VIDEO_CODECS:
+                    raise DaliUnsupportedError(_unsupported_message(self.entries[j].video, codec))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def name(self, j: int) -> str:
+        return str(self.entries[j].video)
+
+    def probe(self, j: int) -> VideoInfo:
+        """Cached :func:`probe_video` of entry ``j`` (a bad file stays bad for the run)."""
+        path = self.entries[j].video
+        hit = self._probes.get(path)
+        if hit is None:
+            try:
+                hit = probe_video(path)
+            except VideoDecodeError as e:
+                hit = e
+            self._probes[path] = hit
+        if isinstance(hit, VideoDecodeError):
+            raise hit
+        return hit
+
+    def prepare(self, j: int) -> _Prepared | None:
+        entry = self.entries[j]
+        if is_image(entry.video):
+            return None
+        info = self.probe(j)
+        if self.device_id is None and info.codec not in CPU_VIDEO_CODECS:
+            raise DaliUnsupportedError(_unsupported_message(entry.video, info.codec))
+        if info.frames <= 0 or info.height <= 0 or info.width <= 0:
+            return None  # no count in the header: the reference decodes it all once and counts
+        plan = plan_clip(
+            seed=self.seed,
+            epoch=self.epoch,
+            index=j,
+            total_frames=info.frames,
+            num_frames=self.num_frames,
+            height=info.height,
+            width=info.width,
+            size=self.size,
+            train=self.train,
+            hflip=self.hflip,
+        )
+        try:
+            data = np.fromfile(entry.video, dtype=np.uint8)
+        except OSError as e:
+            raise VideoDecodeError(f"cannot read {entry.video}: {e}") from e
+        inputs = {"encoded": data, "frame_ids": np.asarray(plan.frame_ids, dtype=np.int32)}
+        return _Prepared(j, self.name(j), entry.caption, plan.box, plan.flip, inputs)
+
+    def decode_reference(self, j: int) -> _Decoded:
+        entry = self.entries[j]
+        rng = sample_rng(self.seed, self.epoch, j)
+        frames = decode_frames(entry.video, self.num_frames, self.train, rng).numpy()
+        box, flip = draw_box(
+            rng,
+            height=frames.shape[1],
+            width=frames.shape[2],
+            size=self.size,
+            train=self.train,
+            hflip=self.hflip,
+        )
+        return _Decoded(j, self.name(j), entry.caption, self._tile(frames), box, flip)
+
+    def build_pipeline(self, batch_size: int, num_threads: int) -> Any:
+        return build_video_pipeline(
+            batch_size=batch_size, size=self.size, device_id=self.device_id, num_threads=num_threads
+        )
+
+
+class ShardClips(_Clips):
+    """Clips of a prepared frame-shard folder, decoded from their JPEG frames (``fn.decoders.image``).
+
+    Frame indices follow the reference rule over the stored frames; a clip made from an image (one
+    stored frame) draws none, as the reference does for images. Of several captions, training picks one
+    with the clip's generator (after the crop and flip draws); evaluation takes the first.
+    """
+
+    def __init__(self, index: ShardIndex, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if len(index) == 0:
+            raise ValueError("the DALI loader needs a frame shard index with at least one clip")
+        self.index = index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def name(self, j: int) -> str:
+        clip = self.index.clips[j]
+        return f"{clip.source} (frame shard {clip.shard}, clip {clip.key})"
+
+    def _frame_plan(self, j: int, rng: np.random.Generator) -> list[int]:
+        clip = self.index.clips[j]
+        stored = len(clip.frames)
+        if stored == 0:
+            raise VideoDecodeError(f"{self.name(j)} has no stored frames; rerun `miles prepare`")
+        if stored == 1 and is_image(Path(clip.source)):
+            return [0] * self.num_frames
+        return sample_frame_indices(stored, self.num_frames, self.train, rng)
+
+    def _caption(self, j: int, rng: np.random.Generator) -> str:
+        captions = self.index.clips[j].captions
+        if not captions:
+            raise VideoDecodeError(f"{self.name(j)} has no caption in the shard index; rerun `miles prepare`")
+        if self.train and len(captions) > 1:
+            return captions[int(rng.integers(len(captions)))]
+        return captions[0]
+
+    def _read(self, j: int, frame_ids: list[int]) -> list[bytes]:
+        try:
+            return self.index.read_frames(j, frame_ids)
+        except (ShardError, IndexError, OSError, ValueError) as e:
+            raise VideoDecodeError(f"cannot read {self.name(j)}: {e}") from e
+
+    def prepare(self, j: int) -> _Prepared | None:
+        clip = self.index.clips[j]
+        rng = sample_rng(self.seed, self.epoch, j)
+        frame_ids = self._frame_plan(j, rng)
+        box, flip = draw_box(
+            rng, height=clip.height, width=clip.width, size=self.size, train=self.train, hflip=self.hflip
+        )
+        caption = self._caption(j, rng)
+        data = self._read(j, frame_ids)
+        for k, jpeg in zip(frame_ids, data, strict=True):
+            if len(jpeg) < 4 or not jpeg.startswith(_JPEG_SOI):
+                raise VideoDecodeError(
+                    f"{self.name(j)}: stored frame {k} is not a JPEG; rerun `miles prepare`"
+                )
+        inputs = {f"jpeg{k}": np.frombuffer(jpeg, dtype=np.uint8) for k, jpeg in enumerate(data)}
+        return _Prepared(j, self.name(j), caption, box, flip, inputs)
+
+    def decode_reference(self, j: int) -> _Decoded:
+        rng = sample_rng(self.seed, self.epoch, j)
+        frame_ids = self._frame_plan(j, rng)
+        frames = []
+        for k, jpeg in zip(frame_ids, self._read(j, frame_ids), strict=True):
+            try:
+                with Image.open(io.BytesIO(jpeg)) as im:
+                    frames.append(np.asarray(im.convert("RGB")))
+            except Exception as e:  # PIL raises many unrelated types for a bad file
+                raise VideoDecodeError(f"cannot decode stored frame {k} of {self.name(j)}: {e}") from e
+        if len({f.shape for f in frames}) != 1:
+            raise VideoDecodeError(f"{self.name(j)} has frames of different sizes; rerun `miles prepare`")
+        stacked = np.stack(frames)
+        box, flip = draw_box(
+            rng,
+            height=stacked.shape[1],
+            width=stacked.shape[2],
+            size=self.size,
+            train=self.train,
+            hflip=self.hflip,
+        )
+        return _Decoded(j, self.name(j), self._caption(j, rng), stacked, box, flip)
+
+    def build_pipeline(self, batch_size: int, num_threads: int) -> Any:
+        return build_shard_pipeline(
+            batch_size=batch_size,
+            num_frames=self.num_frames,
+            size=self.size,
+            device_id=self.device_id,
+            num_threads=num_threads,
+        )
+
+
+def _feed_augment(pipe: Any, items: Sequence[_Prepared | _Decoded]) -> None:
+    pipe.feed_input("roi_start", [np.asarray(it.box[:2], dtype=np.float32) for it in items])
+    pipe.feed_input("roi_end", [np.asarray(it.box[2:], dtype=np.float32) for it in items])
+    pipe.feed_input("flip", [np.asarray(int(it.flip), dtype=np.int32) for it in items])
+
+
+def _outputs_to_torch(out: Any, device_id: int | None) -> torch.Tensor:
+    """A DALI batch of equal-shape samples -> one torch tensor [B, ...] on the pipeline's device."""
+    dense = out.as_tensor()
+    if device_id is None:
+        batch = torch.from_numpy(np.array(dense))
+    else:
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        batch = torch.empty(dense.shape(), dtype=torch.float32, device=torch.device("cuda", device_id))
+        feed_ndarray(dense, batch, cuda_stream=torch.cuda.current_stream(device_id))
+    return batch
+
+
+class DaliLoader:
+    """Iterable of batch dicts over one rank's share of an epoch, decoded and augmented by DALI.
+
+    Works with the trainer's ``set_loader_epoch(loader, epoch, start_batch)`` unchanged: ``sampler`` is
+    the reference :class:`ShardedEpochSampler` (epoch order, rank split, resume point) and ``dataset``
+    is the clip source, whose ``set_epoch`` changes the per-clip draws.
+    """
+
+    def __init__(
+        self,
+        clips: _Clips,
+        tokenizer: Any,
+        *,
+        batch_size: int,
+        num_threads: int,
+        rank: int,
+        world_size: int,
+        max_length: int,
+    ) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.dataset = clips
+        self.batch_size = batch_size
+        self.num_threads = max(1, num_threads)
+        self.collate = VideoTextCollator(tokenizer, max_length=max_length)
+        self.sampler = ShardedEpochSampler(
+            len(clips),
+            rank=rank,
+            world_size=world_size,
+            shuffle=clips.train,
+            seed=clips.seed,
+            drop_last=clips.train,
+            batch_size=batch_size,
+        )
+        self._pipe: Any = None
+        self._frames_pipe: Any = None
+
+    @property
+    def drop_last(self) -> bool:
+        return self.dataset.train
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Batches of this rank's epoch; the next one is loaded in a background thread meanwhile.
+
+        One thread owns the pipelines (DALI runs release the GIL), so the trainer's step and the next
+        batch's file reads, decode and augmentation overlap. All randomness is per clip, so this does
+        not change what a batch holds.
+        """
+        order = list(self.sampler)
+        stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
+        chunks = [order[s : s + self.batch_size] for s in range(0, stop, self.batch_size)]
+        if not chunks:
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dali-loader") as pool:
+            pending = pool.submit(self.load_batch, chunks[0])
+            for chunk in chunks[1:]:
+                batch = pending.result()
+                pending = pool.submit(self.load_batch, chunk)
+                yield batch
+            yield pending.result()
+
+    # ------------------------------------------------------------------------------------- batches
+    def _pipeline(self) -> Any:
+        if self._pipe is None:
+            self._pipe = self.dataset.build_pipeline(self.batch_size, self.num_threads)
+        return self._pipe
+
+    def _augment_decoded(self, items: Sequence[_Decoded]) -> torch.Tensor:
+        if self._frames_pipe is None:
+            self._frames_pipe = build_frames_pipeline(
+                batch_size=self.batch_size,
+                size=self.dataset.size,
+                device_id=self.dataset.device_id,
+                num_threads=self.num_threads,
+            )
+        pipe = self._frames_pipe
+        pipe.feed_input("frames", [it.frames for it in items], layout="FHWC")
+        _feed_augment(pipe, items)
+        (out,) = pipe.run()
+        return _outputs_to_torch(out, self.dataset.device_id)
+
+    def _run_batched(self, items: Sequence[_Prepared]) -> torch.Tensor | None:
+        """One DALI run over prepared clips; None when DALI rejected the batch (pipeline is rebuilt)."""
+        pipe = self._pipeline()
+        try:
+            for name in items[0].inputs:
+                pipe.feed_input(name, [it.inputs[name] for it in items])
+            _feed_augment(pipe, items)
+            (out,) = pipe.run()
+            return _outputs_to_torch(out, self.dataset.device_id)
+        except RuntimeError as e:
+            log.debug("DALI rejected a batch, decoding its clips one by one: %s", e)
+            self._pipe = None  # a pipeline that raised cannot run again
+            return None
+
+    def _first_good(self, i: int, skipped: list[str], decode: bool) -> _Prepared | _Decoded | None:
+        """Clip ``i`` or, in training, the next entry that passes (``decode``: by the reference decoder)."""
+        clips = self.dataset
+        tries = min(MAX_SUBSTITUTIONS, len(clips)) if clips.train else 1
+        for k in range(tries):
+            j = (i + k) % len(clips)
+            try:
+                if decode:
+                    return clips.decode_reference(j)
+                prepared = clips.prepare(j)
+                return prepared if prepared is not None else clips.decode_reference(j)
+            except VideoDecodeError as e:
+                log.debug("skipping bad clip: %s", e)
+                skipped.append(clips.name(j))
+        if not clips.train:
+            return None
+        raise RuntimeError(
+            f"{tries} consecutive clips from index {i} failed to decode (first: {skipped[-tries]}); "
+            "the data folder or manifest paths are probably wrong"
+        )
+
+    def load_batch(self, indices: Sequence[int]) -> dict[str, Any]:
+        """The collated batch for these sampler indices (bad clips replaced in training, dropped in eval)."""
+        skipped: list[str] = []
+        slots = [self._first_good(i, skipped, decode=False) for i in indices]
+        batched = [k for k, s in enumerate(slots) if isinstance(s, _Prepared)]
+        parts: list[tuple[list[int], torch.Tensor]] = []
+        if batched:
+            out = self._run_batched([slots[k] for k in batched])  # type: ignore[misc]
+            if out is not None:
+                parts.append((batched, out))
+            else:
+                # Per clip, the reference decoder decides which clip of the batch is bad.
+                for k in batched:
+                    bad = slots[k]
+                    try:
+                        slots[k] = self.dataset.decode_reference(bad.index)  # type: ignore[union-attr]
+                    except VideoDecodeError as e:
+                        log.debug("skipping bad clip: %s", e)
+                        skipped.append(bad.name)  # type: ignore[union-attr]
+                        nxt = (bad.index + 1) % len(self.dataset)  # type: ignore[union-attr]
+                        slots[k] = self._first_good(nxt, skipped, decode=True) if self.dataset.train else None
+        decoded = [k for k, s in enumerate(slots) if isinstance(s, _Decoded)]
+        if decoded:
+            parts.append((decoded, self._augment_decoded([slots[k] for k in decoded])))  # type: ignore[misc]
+        return self._collate(slots, parts, skipped)
+
+    def _collate(
+        self,
+        slots: Sequence[_Prepared | _Decoded | None],
+        parts: Sequence[tuple[list[int], torch.Tensor]],
+        skipped: list[str],
+    ) -> dict[str, Any]:
+        """The reference collator's dict, reusing DALI's batch tensor when it already is the batch."""
+        keep = [k for k, s in enumerate(slots) if s is not None]
+        if not keep:
+            return self.collate([{"video": None, "caption": "", "index": -1, "skipped": skipped}])
+        if len(parts) == 1 and parts[0][0] == keep:
+            video = parts[0][1]
+        else:
+            first = parts[0][1]
+            video = first.new_empty((len(keep), *first.shape[1:]))
+            row = {k: r for r, k in enumerate(keep)}
+            for ks, batch in parts:
+                video[torch.tensor([row[k] for k in ks], device=video.device)] = batch
+        captions = [slots[k].caption for k in keep]  # type: ignore[union-attr]
+        tokens = self.collate.tokenizer(
+            captions,
+            padding="longest",
+            truncation=True,
+            max_length=self.collate.max_length,
+            return_tensors="pt",
+        )
+        return {
+            "video": video,
+            "input_ids": tokens["input_ids"],
+            "attention_mask": tokens["attention_mask"],
+            "index": torch.tensor([slots[k].index for k in keep], dtype=torch.int64),  # type: ignore[union-attr]
+            "captions": captions,
+            "skipped": skipped,
+        }
+
+
+def build_dali_loader(
+    source: Sequence[ManifestEntry] | ShardIndex,
+    tokenizer: Any,
+    *,
+    batch_size: int,
+    num_frames: int,
+    size: int,
+    train: bool,
+    seed: int = 0,
+    hflip: float = 0.5,
+    num_workers: int = 2,
+    rank: int = 0,
+    world_size: int = 1,
+    max_length: int = 32,
+    device: str | torch.device | None = None,
+) -> DaliLoader:
+    """The DALI counterpart of ``build_reference_loader`` (same arguments and batches).
+
+    ``source``: manifest entries (raw videos) or a :class:`ShardIndex` (frame shards). ``device``: cpu,
+    cuda[:N], or None for the current CUDA device if any. ``num_workers`` becomes DALI's thread count.
+    Call ``set_loader_epoch`` (reference_loader) before iterating each epoch, as for the reference.
+    """
+    common = {
+        "num_frames": num_frames,
+        "size": size,
+        "train": train,
+        "seed": seed,
+        "hflip": hflip,
+        "device_id": resolve_device_id(device),
+    }
+    clips: _Clips = (
+        ShardClips(source, **common) if isinstance(source, ShardIndex) else RawVideoClips(source, **common)
+    )
+    return DaliLoader(
+        clips,
+        tokenizer,
+        batch_size=batch_size,
+        num_threads=num_workers,
+        rank=rank,
+        world_size=world_size,
+        max_length=max_length,
+    )
+
+
+def dali_support(
+    source: Sequence[ManifestEntry] | ShardIndex, device: str | torch.device | None
+) -> tuple[bool, str]:
+    """Whether DALI can decode this data on ``device``, and why, in one line (for ``data.backend=auto``).
+
+    Frame shards: always. Raw videos: on a GPU always; on the CPU only when every probed file (up to 64,
+    spread over the manifest; unreadable ones are left to the bad-clip handling) is VP8, VP9 or MJPEG.
+    """
+    try:
+        device_id = resolve_device_id(device)
+    except ValueError as e:
+        return False, f"DALI cannot run here: {e}"
+    where = "CPU" if device_id is None else f"GPU {device_id}"
+    if isinstance(source, ShardIndex):
+        return True, f"DALI on {where}: frame shards ({len(source)} clips), JPEG frames decoded by DALI"
+    entries = [e for e in source if not is_image(e.video)]
+    if device_id is not None:
+        return True, f"DALI on {where}: raw videos decoded by NVDEC"
+    if not entries:
+        return True, "DALI on CPU: image manifest, DALI augmentation"
+    picks = sorted(
+        {round(k * (len(entries) - 1) / max(1, _SUPPORT_PROBES - 1)) for k in range(_SUPPORT_PROBES)}
+    )
+    codecs: set[str] = set()
+    for k in picks:
+        try:
+            info = probe_video(entries[k].video)
+        except VideoDecodeError:
+            continue
+        if info.codec not in CPU_VIDEO_CODECS:
+            return False, f"DALI not used: {_unsupported_message(entries[k].video, info.codec)}"
+        codecs.add(info.codec)
+    if not codecs:
+        return False, "DALI not used: none of the probed videos could be opened"
+    return True, f"DALI on CPU: raw {'/'.join(sorted(codecs))} videos ({len(picks)} probed)"

