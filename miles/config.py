@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from data_dali.shards import is_shard_dir
+
 PRESET_DIR = Path(__file__).parent / "configs"
 
 
@@ -39,7 +41,7 @@ class DataConfig:
     hflip: float = 0.5
     max_text_length: int = 32
     num_workers: int = 2
-    backend: str = "reference"
+    backend: str = "auto"  # auto (DALI where it can decode the data here) | dali | reference (PyAV)
 
 
 @dataclass
@@ -261,9 +263,9 @@ def validate(cfg: Config, *, check_files: bool = False) -> None:
     )
     _require(0.0 <= d.hflip <= 1.0, "data.hflip", f"is a probability, got {d.hflip}")
     _require(
-        d.backend in ("reference", "auto"),
+        d.backend in ("auto", "dali", "reference"),
         "data.backend",
-        f"must be 'reference' or 'auto', got '{d.backend}'",
+        f"must be 'auto', 'dali' or 'reference', got '{d.backend}'",
     )
     _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _require(0.0 <= v.mask_ratio < 1.0, "mvm.mask_ratio", f"must be in [0, 1), got {v.mask_ratio}")
@@ -323,8 +325,9 @@ def check_data_files(cfg: Config) -> None:
     d = cfg.data
     for key in ("train_manifest", "val_manifest"):
         path = Path(getattr(d, key))
-        if not path.is_file() and not d.generate_demo:
+        if not path.is_file() and not is_shard_dir(path) and not d.generate_demo:
             raise ConfigError(
                 f"config key 'data.{key}': manifest {path} does not exist; give an existing CSV/JSONL "
-                "manifest or set data.generate_demo=true to create the demo set there"
+                "manifest, a frame-shard folder from `miles prepare`, or set data.generate_demo=true to "
+                "create the demo set there"
             )

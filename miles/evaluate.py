@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from data_dali.loaders import DataSource, build_loader, resolve_data_backend
 from data_dali.manifest import ManifestEntry
-from data_dali.reference_loader import build_reference_loader
+from data_dali.shards import ShardIndex
 from miles.config import Config
 from miles.metrics import chance_levels, retrieval_metrics, zeroshot_accuracy
 from miles.model import MilesModel
@@ -24,9 +25,19 @@ log = logging.getLogger("miles")
 class EvalSet:
     """A manifest grouped by video: several captions may point at one video."""
 
-    videos: list[ManifestEntry]  # one entry per distinct video (its first caption and label)
+    videos: list[ManifestEntry] | ShardIndex  # one item per distinct video
     captions: list[str]
     caption_to_video: list[int]
+    labels: list[str | None]  # per video
+
+    @classmethod
+    def from_source(cls, source: DataSource) -> EvalSet:
+        """Frame shards already hold one clip per video with all its captions; a manifest is grouped."""
+        if isinstance(source, ShardIndex):
+            captions = [c for clip in source.clips for c in clip.captions]
+            owner = [v for v, clip in enumerate(source.clips) for _ in clip.captions]
+            return cls(source, captions, owner, [clip.label for clip in source.clips])
+        return cls.from_entries(list(source))
 
     @classmethod
     def from_entries(cls, entries: list[ManifestEntry]) -> EvalSet:
@@ -40,7 +51,7 @@ class EvalSet:
                 videos.append(entry)
             captions.append(entry.caption)
             owner.append(index[entry.video])
-        return cls(videos, captions, owner)
+        return cls(videos, captions, owner, [v.label for v in videos])
 
 
 def read_classes(path: Path) -> list[str]:
@@ -72,12 +83,19 @@ def embed_texts(
 
 @torch.no_grad()
 def embed_videos(
-    model: MilesModel, videos: list[ManifestEntry], cfg: Config, device: torch.device, progress: bool = True
+    model: MilesModel,
+    videos: DataSource,
+    cfg: Config,
+    device: torch.device,
+    progress: bool = True,
+    backend: str = "reference",
 ) -> tuple[torch.Tensor, list[int], list[str]]:
     """(embeddings of the readable videos, their indices into `videos`, paths that could not be read)."""
-    loader = build_reference_loader(
+    loader = build_loader(
+        backend,
         videos,
         model.tokenizer,
+        device=device,
         batch_size=cfg.eval.batch_size,
         num_frames=cfg.data.num_frames,
         size=cfg.data.size,
@@ -105,17 +123,22 @@ def embed_videos(
 
 def evaluate(
     model: MilesModel,
-    entries: list[ManifestEntry],
+    source: DataSource,
     cfg: Config,
     device: torch.device,
     classes: list[str] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Retrieval metrics, and zero-shot accuracy when class names and labels are given."""
+    """Retrieval metrics, and zero-shot accuracy when class names and labels are given.
+
+    `source` is a manifest's entries or a frame-shard index; `data.backend` picks its loader as in training.
+    """
+    backend, why = resolve_data_backend(cfg.data.backend, source, device)
+    log.info("evaluation data: %s", why)
     was_training = model.training
     model.eval()
-    data = EvalSet.from_entries(entries)
-    video_emb, kept, skipped = embed_videos(model, data.videos, cfg, device, progress)
+    data = EvalSet.from_source(source)
+    video_emb, kept, skipped = embed_videos(model, data.videos, cfg, device, progress, backend)
     position = {v: i for i, v in enumerate(kept)}
     caption_ids = [i for i, v in enumerate(data.caption_to_video) if v in position]
     text_emb = embed_texts(
@@ -125,7 +148,7 @@ def evaluate(
     result: dict[str, Any] = retrieval_metrics(sim, [position[data.caption_to_video[i]] for i in caption_ids])
     result["num_videos"] = len(kept)
     result["num_captions"] = len(caption_ids)
-    labelled = [data.videos[v].label for v in kept]
+    labelled = [data.labels[v] for v in kept]
     num_classes = None
     if classes and all(label is not None for label in labelled):
         unknown = sorted({label for label in labelled if label not in classes})

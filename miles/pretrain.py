@@ -12,21 +12,26 @@ from typing import Any
 import torch
 
 from data_dali.demo import write_demo_dataset
-from data_dali.manifest import read_manifest
+from data_dali.loaders import DataSource, open_source, resolve_data_backend
+from data_dali.shards import is_shard_dir
 from miles import checkpoint as ckpt
 from miles.attention import resolve_attention, set_attention_backend
 from miles.config import Config, ConfigError, check_data_files
 from miles.distributed import barrier, init_distributed
-from miles.evaluate import chance_column, evaluate, format_table, read_classes
+from miles.evaluate import EvalSet, chance_column, evaluate, format_table, read_classes
 from miles.model import MilesModel
 from miles.train import Trainer, seed_everything, truncate_log, write_config
 
 log = logging.getLogger("miles")
 
 
+def _exists(path: str) -> bool:
+    return Path(path).is_file() or is_shard_dir(path)
+
+
 def ensure_data(cfg: Config, main: bool) -> None:
     d = cfg.data
-    missing = [p for p in (d.train_manifest, d.val_manifest) if not Path(p).is_file()]
+    missing = [p for p in (d.train_manifest, d.val_manifest) if not _exists(p)]
     if missing and d.generate_demo:
         if main:
             log.info("generating the demo data set in %s", d.root)
@@ -34,18 +39,18 @@ def ensure_data(cfg: Config, main: bool) -> None:
         barrier()
     check_data_files(cfg)
     for p in (d.train_manifest, d.val_manifest):
-        if not Path(p).is_file():
+        if not _exists(p):
             raise ConfigError(f"manifest {p} is still missing after demo generation; check data.root")
 
 
-def _read(cfg: Config, path: str) -> list:
+def _read(cfg: Config, path: str) -> DataSource:
     d = cfg.data
-    return read_manifest(
-        Path(path), video_column=d.video_column, caption_column=d.caption_column, label_column=d.label_column
+    return open_source(
+        path, video_column=d.video_column, caption_column=d.caption_column, label_column=d.label_column
     )
 
 
-def _classes_for(cfg: Config, val_entries: list) -> list[str] | None:
+def _classes_for(cfg: Config, val_source: DataSource) -> list[str] | None:
     """Zero-shot class names, checked against the validation labels before any training."""
     if not cfg.data.classes:
         return None
@@ -56,7 +61,8 @@ def _classes_for(cfg: Config, val_entries: list) -> list[str] | None:
             "or data.classes='' to skip zero-shot evaluation"
         )
     classes = read_classes(path)
-    unknown = sorted({e.label for e in val_entries if e.label is not None and e.label not in classes})
+    labels = EvalSet.from_source(val_source).labels
+    unknown = sorted({label for label in labels if label is not None and label not in classes})
     if unknown:
         raise ConfigError(
             f"config key 'data.classes': labels {unknown[:5]} of the validation manifest are not in {path}"
@@ -87,6 +93,10 @@ def run_pretraining(cfg: Config, out_dir: Path, resume: bool = False) -> dict[st
             f"{len(train_entries)} training rows shared by {dist.world_size} process(es); lower it"
         )
     classes = _classes_for(cfg, val_entries)
+    try:
+        data_backend, data_why = resolve_data_backend(cfg.data.backend, train_entries, dist.device)
+    except ValueError as e:
+        raise ConfigError(f"config key 'data.backend': {e}") from e
     if main and not resume and out_dir.is_dir() and any(out_dir.iterdir()):
         aside = out_dir.with_name(f"{out_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         out_dir.rename(aside)
@@ -98,13 +108,13 @@ def run_pretraining(cfg: Config, out_dir: Path, resume: bool = False) -> dict[st
         write_config(cfg, out_dir)
         log.info(
             "preset %s | masking mode %s, ratio %.2f, contrastive on %s clips | attention %s | "
-            "data loader: PyAV reference (data.backend=%s) | %d train / %d val rows | %d process(es) on %s",
+            "training data: %s | %d train / %d val clips | %d process(es) on %s",
             cfg.preset,
             cfg.mvm.mode,
             cfg.mvm.mask_ratio,
             cfg.mvm.contrastive_input,
             attention.describe(),
-            cfg.data.backend,
+            data_why,
             len(train_entries),
             len(val_entries),
             dist.world_size,
@@ -113,7 +123,7 @@ def run_pretraining(cfg: Config, out_dir: Path, resume: bool = False) -> dict[st
     seed_everything(cfg.train.seed)
     model = MilesModel(cfg)
     set_attention_backend(model, attention.backend)
-    trainer = Trainer(cfg, train_entries, out_dir, dist, model=model)
+    trainer = Trainer(cfg, train_entries, out_dir, dist, model=model, data_backend=data_backend)
     latest = ckpt.latest_checkpoint(trainer.ckpt_dir) if resume else None
     if resume and latest is None:
         log.warning("--resume: no checkpoint in %s, starting from scratch", trainer.ckpt_dir)
@@ -145,6 +155,7 @@ def run_pretraining(cfg: Config, out_dir: Path, resume: bool = False) -> dict[st
             "mvm_mode": cfg.mvm.mode,
             "attention": cfg.model.attention,
             "attention_backend": attention.backend,
+            "data_backend": data_backend,
             "steps": summary["steps"],
             "train_seconds": summary["train_seconds"],
             "train_clips_per_s": summary["clips_per_s"],
@@ -203,13 +214,8 @@ def run_eval(
     model = MilesModel(cfg).to(dist.device)
     set_attention_backend(model, resolve_attention(cfg.model.attention, dist.device).backend)
     model.load_state_dict(state["model"])
-    entries = read_manifest(
-        manifest,
-        video_column=cfg.data.video_column,
-        caption_column=cfg.data.caption_column,
-        label_column=cfg.data.label_column,
-    )
-    if classes_path is None and any(e.label is not None for e in entries):
+    entries = _read(cfg, str(manifest))
+    if classes_path is None and any(label is not None for label in EvalSet.from_source(entries).labels):
         # labels but no --classes: the class list the checkpoint was trained with, if it is still there
         trained_with = Path(cfg.data.classes) if cfg.data.classes else None
         classes_path = trained_with if trained_with and trained_with.is_file() else None

