@@ -20,7 +20,7 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q benchmarks --benchmark-json=benchmarks/results/cpu.json
+	HF_HUB_OFFLINE=1 $(VENV)/bin/miles bench --suite all
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

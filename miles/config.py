@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from data_dali.loaders import DATA_BACKENDS
 from data_dali.shards import is_shard_dir
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -263,9 +264,9 @@ def validate(cfg: Config, *, check_files: bool = False) -> None:
     )
     _require(0.0 <= d.hflip <= 1.0, "data.hflip", f"is a probability, got {d.hflip}")
     _require(
-        d.backend in ("auto", "dali", "reference"),
+        d.backend in DATA_BACKENDS,
         "data.backend",
-        f"must be 'auto', 'dali' or 'reference', got '{d.backend}'",
+        f"must be one of {', '.join(DATA_BACKENDS)}, got '{d.backend}'",
     )
     _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _require(0.0 <= v.mask_ratio < 1.0, "mvm.mask_ratio", f"must be in [0, 1), got {v.mask_ratio}")

@@ -90,6 +90,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_from_main(obj: Any) -> Any:
+    """Rank 0's value of a picklable object on every rank, for decisions all ranks must share."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=_collective_device())
+    return box[0]
+
+
 def cleanup() -> None:
     """Tear down the process group so the process exits cleanly; no-op when alone."""
     if is_distributed():

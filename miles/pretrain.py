@@ -17,7 +17,7 @@ from data_dali.shards import is_shard_dir
 from miles import checkpoint as ckpt
 from miles.attention import resolve_attention, set_attention_backend
 from miles.config import Config, ConfigError, check_data_files
-from miles.distributed import barrier, init_distributed
+from miles.distributed import barrier, broadcast_from_main, init_distributed
 from miles.evaluate import EvalSet, chance_column, evaluate, format_table, read_classes
 from miles.model import MilesModel
 from miles.train import Trainer, seed_everything, truncate_log, write_config
@@ -70,6 +70,22 @@ def _classes_for(cfg: Config, val_source: DataSource) -> list[str] | None:
     return classes
 
 
+def _choose_data_backend(
+    cfg: Config, source: DataSource, device: torch.device, main: bool
+) -> tuple[str, str]:
+    """Rank 0 probes the data once and every rank takes its answer, so all ranks decode alike."""
+    decision: tuple[str, str] | str = ""
+    if main:
+        try:
+            decision = resolve_data_backend(cfg.data.backend, source, device)
+        except ValueError as e:
+            decision = f"config key 'data.backend': {e}"
+    decision = broadcast_from_main(decision)
+    if isinstance(decision, str):
+        raise ConfigError(decision)
+    return decision
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -93,10 +109,7 @@ def run_pretraining(cfg: Config, out_dir: Path, resume: bool = False) -> dict[st
             f"{len(train_entries)} training rows shared by {dist.world_size} process(es); lower it"
         )
     classes = _classes_for(cfg, val_entries)
-    try:
-        data_backend, data_why = resolve_data_backend(cfg.data.backend, train_entries, dist.device)
-    except ValueError as e:
-        raise ConfigError(f"config key 'data.backend': {e}") from e
+    data_backend, data_why = _choose_data_backend(cfg, train_entries, dist.device, main)
     if main and not resume and out_dir.is_dir() and any(out_dir.iterdir()):
         aside = out_dir.with_name(f"{out_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         out_dir.rename(aside)
