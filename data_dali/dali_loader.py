@@ -15,15 +15,23 @@ back padded with black frames under the default ``pad_mode``. So:
 2. the video decoder runs with ``pad_mode="none"``, so missing frames raise instead of turning black;
 3. when a batch still fails inside DALI, the pipeline is rebuilt and every clip of that batch is decoded
    on its own by the reference decoders (PyAV / PIL), which decide good or bad per clip as the reference
-   loader does; the good ones still go through the same DALI augmentation graph.
+   loader does; the good ones still go through the same DALI augmentation graph. Such fallbacks are
+   counted and logged as warnings (they are slow); a CUDA out-of-memory error is never taken for one.
+4. the loader remembers what it learnt: a clip that failed for a reason no epoch's draws can change
+   (missing, empty, no video stream, unreadable container) is substituted up front in later batches,
+   and a clip the reference decoder rejected after a DALI failure goes to the reference decoder
+   directly, so later epochs give the reference's batches without another DALI failure.
 
-``skipped`` names every replaced or dropped clip, as in the reference.
+Clips DALI cannot read on this device (a codec the CPU decoder lacks, found after the loader was built;
+a file above :data:`MAX_WHOLE_FILE_BYTES`) are decoded by the reference decoder and still augmented by
+DALI. ``skipped`` names every replaced or dropped clip, as in the reference.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -52,13 +60,13 @@ from data_dali.reference_loader import (
     _check_file,
     _frame_count,
     decode_frames,
-    sample_frame_indices,
     sample_rng,
 )
 from data_dali.shards import ShardError, ShardIndex
 
 __all__ = [
     "DaliLoader",
+    "MAX_WHOLE_FILE_BYTES",
     "DaliUnsupportedError",
     "RawVideoClips",
     "ShardClips",
@@ -76,10 +84,26 @@ _JPEG_SOI = b"\xff\xd8"
 _SUPPORT_PROBES = 64
 # The DALI CPU loader checks the codec of this many leading entries when it is built.
 _EARLY_PROBES = 8
+# DALI's video decoder takes the whole file as one buffer. Above this size a clip is decoded by the
+# reference decoder instead, which seeks to the F frames it needs rather than reading everything.
+MAX_WHOLE_FILE_BYTES = 512 * 1024**2
+# After the first, every this-many-th batch that DALI rejected is reported again with the running count.
+_FALLBACK_WARN_EVERY = 100
+# Messages of DALI errors that are a lack of device memory, not a bad clip: they must reach the trainer.
+_OOM_MARKERS = ("out of memory", "bad_alloc", "allocation failed")
 
 
 class DaliUnsupportedError(RuntimeError):
     """The data cannot be decoded by DALI on this device; the message names the file and the way out."""
+
+
+class _BadClip(VideoDecodeError):
+    """A clip failure that no epoch's draws can change (missing, empty, no video stream, unreadable
+    container): the loader substitutes such a clip up front in later batches."""
+
+
+class _TransientProbeError(VideoDecodeError):
+    """The file could not be read this time (an I/O error); it is tried again when it next comes up."""
 
 
 def _unsupported_message(path: Path | str, codec: str) -> str:
@@ -103,21 +127,27 @@ class VideoInfo:
 def probe_video(path: Path) -> VideoInfo:
     """Codec, frame count and size from the container header, without decoding a frame.
 
-    Raises :class:`VideoDecodeError` naming the file for a missing, empty or unreadable file.
+    Raises :class:`VideoDecodeError` naming the file for a missing, empty or unreadable file. An I/O
+    error that may pass on a retry (anything but a missing path) is raised as a ``VideoDecodeError``
+    subclass the loader does not cache.
     """
     path = Path(path)
-    _check_file(path)
     try:
+        _check_file(path)
         with av.open(str(path), mode="r") as container:
             if not container.streams.video:
-                raise VideoDecodeError(f"{path} has no video stream")
+                raise _BadClip(f"{path} has no video stream")
             stream = container.streams.video[0]
             ctx = stream.codec_context
             return VideoInfo(ctx.name, _frame_count(container, stream), int(ctx.height), int(ctx.width))
-    except VideoDecodeError:
+    except _BadClip:
         raise
+    except VideoDecodeError as e:  # _check_file: missing, not a file, empty
+        raise _BadClip(str(e)) from None
     except (av.error.FFmpegError, OSError, ValueError) as e:
-        raise VideoDecodeError(f"cannot open {path} as a video: {e}") from e
+        if isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, IsADirectoryError)):
+            raise _TransientProbeError(f"cannot read {path}: {e}") from e
+        raise _BadClip(f"cannot open {path} as a video: {e}") from e
 
 
 def resolve_device_id(device: str | torch.device | None) -> int | None:
@@ -162,7 +192,11 @@ class _Decoded:
 
 
 class _Clips:
-    """What the loader needs from a source: batched-pipeline inputs and a per-clip reference decode."""
+    """What the loader needs from a source: batched-pipeline inputs and a per-clip reference decode.
+
+    ``epoch`` arguments default to the source's epoch; the loader passes the epoch it snapshotted when
+    its iterator started, so a batch never mixes two epochs' draws.
+    """
 
     def __init__(
         self, *, num_frames: int, size: int, train: bool, seed: int, hflip: float, device_id: int | None
@@ -186,19 +220,22 @@ class _Clips:
         """How ``skipped`` names clip ``j``."""
         raise NotImplementedError
 
-    def prepare(self, j: int) -> _Prepared | None:
+    def prepare(self, j: int, epoch: int | None = None) -> _Prepared | None:
         """Inputs for the batched pipeline; None when only the reference decoder can read this clip.
 
         Raises VideoDecodeError for a clip that is bad.
         """
         raise NotImplementedError
 
-    def decode_reference(self, j: int) -> _Decoded:
+    def decode_reference(self, j: int, epoch: int | None = None) -> _Decoded:
         """Clip ``j`` decoded by the reference decoders (raises VideoDecodeError for a bad clip)."""
         raise NotImplementedError
 
     def build_pipeline(self, batch_size: int, num_threads: int) -> Any:
         raise NotImplementedError
+
+    def _rng(self, j: int, epoch: int | None) -> np.random.Generator:
+        return sample_rng(self.seed, self.epoch if epoch is None else epoch, j)
 
     def _tile(self, frames: np.ndarray) -> np.ndarray:
         # One-frame clips (images) become F identical frames, as the reference collator tiles them.
@@ -215,10 +252,14 @@ class RawVideoClips(_Clips):
         if not entries:
             raise ValueError("the DALI loader needs at least one manifest entry")
         self.entries = list(entries)
-        self._probes: dict[Path, VideoInfo | VideoDecodeError] = {}
+        # Good probes keep their header; permanent failures keep only their message (no exception object
+        # and traceback per bad file); transient I/O errors are not kept, so the file is tried again.
+        self._probes: dict[Path, VideoInfo | str] = {}
+        self._codec_warned = False
         if self.device_id is None:
-            # Fail before training starts when the first files already show the CPU cannot decode them;
-            # every later clip is still checked when it is prepared.
+            # Fail before training starts when the first files already show the CPU cannot decode them
+            # (DALI was asked for on data it cannot decode); a later clip of such a codec is decoded by
+            # the reference decoder instead, with one warning.
             for j in range(min(_EARLY_PROBES, len(self.entries))):
                 if is_image(self.entries[j].video):
                     continue
@@ -236,32 +277,46 @@ class RawVideoClips(_Clips):
         return str(self.entries[j].video)
 
     def probe(self, j: int) -> VideoInfo:
-        """Cached :func:`probe_video` of entry ``j`` (a bad file stays bad for the run)."""
+        """Cached :func:`probe_video` of entry ``j`` (a permanently bad file stays bad for the run)."""
         path = self.entries[j].video
         hit = self._probes.get(path)
         if hit is None:
             try:
                 hit = probe_video(path)
-            except VideoDecodeError as e:
-                hit = e
+            except _BadClip as e:
+                self._probes[path] = str(e)
+                raise
             self._probes[path] = hit
-        if isinstance(hit, VideoDecodeError):
-            raise hit
+        if isinstance(hit, str):
+            raise _BadClip(hit)
         return hit
 
-    def prepare(self, j: int) -> _Prepared | None:
+    def prepare(self, j: int, epoch: int | None = None) -> _Prepared | None:
         entry = self.entries[j]
         if is_image(entry.video):
             return None
         info = self.probe(j)
         if self.device_id is None and info.codec not in CPU_VIDEO_CODECS:
-            raise DaliUnsupportedError(_unsupported_message(entry.video, info.codec))
+            if not self._codec_warned:
+                self._codec_warned = True
+                log.warning(
+                    "%s is %s: clips DALI cannot read here are decoded by PyAV: DALI's CPU decoder has no "
+                    "%s; `miles prepare` makes frame shards",
+                    entry.video,
+                    info.codec,
+                    info.codec,
+                )
+            return None
         if info.frames <= 0 or info.height <= 0 or info.width <= 0:
             return None  # no count in the header: the reference decodes it all once and counts
+        try:
+            if entry.video.stat().st_size > MAX_WHOLE_FILE_BYTES:
+                return None  # the reference decoder seeks instead of reading the whole file
+            data = np.fromfile(entry.video, dtype=np.uint8)
+        except OSError as e:
+            raise VideoDecodeError(f"cannot read {entry.video}: {e}") from e
         plan = plan_clip(
-            seed=self.seed,
-            epoch=self.epoch,
-            index=j,
+            rng=self._rng(j, epoch),
             total_frames=info.frames,
             num_frames=self.num_frames,
             height=info.height,
@@ -270,17 +325,18 @@ class RawVideoClips(_Clips):
             train=self.train,
             hflip=self.hflip,
         )
-        try:
-            data = np.fromfile(entry.video, dtype=np.uint8)
-        except OSError as e:
-            raise VideoDecodeError(f"cannot read {entry.video}: {e}") from e
         inputs = {"encoded": data, "frame_ids": np.asarray(plan.frame_ids, dtype=np.int32)}
         return _Prepared(j, self.name(j), entry.caption, plan.box, plan.flip, inputs)
 
-    def decode_reference(self, j: int) -> _Decoded:
+    def decode_reference(self, j: int, epoch: int | None = None) -> _Decoded:
         entry = self.entries[j]
-        rng = sample_rng(self.seed, self.epoch, j)
-        frames = decode_frames(entry.video, self.num_frames, self.train, rng).numpy()
+        rng = self._rng(j, epoch)
+        try:
+            frames = decode_frames(entry.video, self.num_frames, self.train, rng).numpy()
+        except VideoDecodeError as e:
+            if is_image(entry.video):
+                raise _BadClip(str(e)) from None  # an image has no draws: bad in every epoch
+            raise
         box, flip = draw_box(
             rng,
             height=frames.shape[1],
@@ -318,22 +374,31 @@ class ShardClips(_Clips):
         clip = self.index.clips[j]
         return f"{clip.source} (frame shard {clip.shard}, clip {clip.key})"
 
-    def _frame_plan(self, j: int, rng: np.random.Generator) -> list[int]:
+    def _draw(
+        self, j: int, epoch: int | None
+    ) -> tuple[list[int], tuple[float, float, float, float], bool, str]:
+        """Every draw of clip ``j`` in the one order both decode paths share: frames, box + flip, caption."""
         clip = self.index.clips[j]
+        rng = self._rng(j, epoch)
         stored = len(clip.frames)
         if stored == 0:
-            raise VideoDecodeError(f"{self.name(j)} has no stored frames; rerun `miles prepare`")
-        if stored == 1 and is_image(Path(clip.source)):
-            return [0] * self.num_frames
-        return sample_frame_indices(stored, self.num_frames, self.train, rng)
-
-    def _caption(self, j: int, rng: np.random.Generator) -> str:
-        captions = self.index.clips[j].captions
-        if not captions:
-            raise VideoDecodeError(f"{self.name(j)} has no caption in the shard index; rerun `miles prepare`")
-        if self.train and len(captions) > 1:
-            return captions[int(rng.integers(len(captions)))]
-        return captions[0]
+            raise _BadClip(f"{self.name(j)} has no stored frames; rerun `miles prepare`")
+        if not clip.captions:
+            raise _BadClip(f"{self.name(j)} has no caption in the shard index; rerun `miles prepare`")
+        plan = plan_clip(
+            rng=rng,
+            total_frames=None if stored == 1 and is_image(Path(clip.source)) else stored,
+            num_frames=self.num_frames,
+            height=clip.height,
+            width=clip.width,
+            size=self.size,
+            train=self.train,
+            hflip=self.hflip,
+        )
+        caption = clip.captions[0]
+        if self.train and len(clip.captions) > 1:
+            caption = clip.captions[int(rng.integers(len(clip.captions)))]
+        return list(plan.frame_ids), plan.box, plan.flip, caption
 
     def _read(self, j: int, frame_ids: list[int]) -> list[bytes]:
         try:
@@ -341,14 +406,8 @@ class ShardClips(_Clips):
         except (ShardError, IndexError, OSError, ValueError) as e:
             raise VideoDecodeError(f"cannot read {self.name(j)}: {e}") from e
 
-    def prepare(self, j: int) -> _Prepared | None:
-        clip = self.index.clips[j]
-        rng = sample_rng(self.seed, self.epoch, j)
-        frame_ids = self._frame_plan(j, rng)
-        box, flip = draw_box(
-            rng, height=clip.height, width=clip.width, size=self.size, train=self.train, hflip=self.hflip
-        )
-        caption = self._caption(j, rng)
+    def prepare(self, j: int, epoch: int | None = None) -> _Prepared | None:
+        frame_ids, box, flip, caption = self._draw(j, epoch)
         data = self._read(j, frame_ids)
         for k, jpeg in zip(frame_ids, data, strict=True):
             if len(jpeg) < 4 or not jpeg.startswith(_JPEG_SOI):
@@ -358,9 +417,8 @@ class ShardClips(_Clips):
         inputs = {f"jpeg{k}": np.frombuffer(jpeg, dtype=np.uint8) for k, jpeg in enumerate(data)}
         return _Prepared(j, self.name(j), caption, box, flip, inputs)
 
-    def decode_reference(self, j: int) -> _Decoded:
-        rng = sample_rng(self.seed, self.epoch, j)
-        frame_ids = self._frame_plan(j, rng)
+    def decode_reference(self, j: int, epoch: int | None = None) -> _Decoded:
+        frame_ids, box, flip, caption = self._draw(j, epoch)
         frames = []
         for k, jpeg in zip(frame_ids, self._read(j, frame_ids), strict=True):
             try:
@@ -368,18 +426,13 @@ class ShardClips(_Clips):
                     frames.append(np.asarray(im.convert("RGB")))
             except Exception as e:  # PIL raises many unrelated types for a bad file
                 raise VideoDecodeError(f"cannot decode stored frame {k} of {self.name(j)}: {e}") from e
-        if len({f.shape for f in frames}) != 1:
-            raise VideoDecodeError(f"{self.name(j)} has frames of different sizes; rerun `miles prepare`")
-        stacked = np.stack(frames)
-        box, flip = draw_box(
-            rng,
-            height=stacked.shape[1],
-            width=stacked.shape[2],
-            size=self.size,
-            train=self.train,
-            hflip=self.hflip,
-        )
-        return _Decoded(j, self.name(j), self._caption(j, rng), stacked, box, flip)
+        clip = self.index.clips[j]
+        if {f.shape for f in frames} != {(clip.height, clip.width, 3)}:
+            raise VideoDecodeError(
+                f"{self.name(j)} has frames of another size than its index says "
+                f"({clip.height}x{clip.width}); rerun `miles prepare`"
+            )
+        return _Decoded(j, self.name(j), caption, np.stack(frames), box, flip)
 
     def build_pipeline(self, batch_size: int, num_threads: int) -> Any:
         return build_shard_pipeline(
@@ -415,7 +468,8 @@ class DaliLoader:
 
     Works with the trainer's ``set_loader_epoch(loader, epoch, start_batch)`` unchanged: ``sampler`` is
     the reference :class:`ShardedEpochSampler` (epoch order, rank split, resume point) and ``dataset``
-    is the clip source, whose ``set_epoch`` changes the per-clip draws.
+    is the clip source, whose ``set_epoch`` changes the per-clip draws. An iterator keeps the epoch and
+    order it started with; several iterators alive at once share the pipelines under a lock.
     """
 
     def __init__(
@@ -446,6 +500,12 @@ class DaliLoader:
         )
         self._pipe: Any = None
         self._frames_pipe: Any = None
+        self._lock = threading.Lock()
+        # What this loader learnt about clips: bad whatever the draws (substituted up front), and
+        # rejected by the reference decoder after a DALI failure (decoded by it directly from then on).
+        self._known_bad: set[int] = set()
+        self._reference_only: set[int] = set()
+        self.fallbacks = 0  # batches DALI rejected, whose clips were decoded one by one
 
     @property
     def drop_last(self) -> bool:
@@ -458,20 +518,29 @@ class DaliLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Batches of this rank's epoch; the next one is loaded in a background thread meanwhile.
 
-        One thread owns the pipelines (DALI runs release the GIL), so the trainer's step and the next
-        batch's file reads, decode and augmentation overlap. All randomness is per clip, so this does
-        not change what a batch holds.
+        The epoch and the sampler's order are taken now, so a later ``set_loader_epoch`` does not
+        change the batches of an iterator already started. One thread owns the pipelines (DALI runs
+        release the GIL), so the trainer's step and the next batch's file reads, decode and augmentation
+        overlap. All randomness is per clip, so this does not change what a batch holds.
         """
+        epoch = self.dataset.epoch
         order = list(self.sampler)
         stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
         chunks = [order[s : s + self.batch_size] for s in range(0, stop, self.batch_size)]
+        return self._batches(chunks, epoch)
+
+    def _batches(self, chunks: list[list[int]], epoch: int) -> Iterator[dict[str, Any]]:
         if not chunks:
             return
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dali-loader") as pool:
-            pending = pool.submit(self.load_batch, chunks[0])
+        device_id = self.dataset.device_id
+        # On CUDA the thread's current device must be ours before DALI or torch touch the GPU, or a
+        # stray context lands on GPU 0.
+        init = (lambda: torch.cuda.set_device(device_id)) if device_id is not None else None
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dali-loader", initializer=init) as pool:
+            pending = pool.submit(self.load_batch, chunks[0], epoch)
             for chunk in chunks[1:]:
-                batch = pending.result()
-                pending = pool.submit(self.load_batch, chunk)
+                batch = pending.result()  # an exception in the loader thread is raised here
+                pending = pool.submit(self.load_batch, chunk, epoch)
                 yield batch
             yield pending.result()
 
@@ -496,7 +565,10 @@ class DaliLoader:
         return _outputs_to_torch(out, self.dataset.device_id)
 
     def _run_batched(self, items: Sequence[_Prepared]) -> torch.Tensor | None:
-        """One DALI run over prepared clips; None when DALI rejected the batch (pipeline is rebuilt)."""
+        """One DALI run over prepared clips; None when DALI rejected the batch (pipeline is rebuilt).
+
+        Out-of-memory errors (torch's or DALI's) propagate: they are not a bad clip.
+        """
         pipe = self._pipeline()
         try:
             for name in items[0].inputs:
@@ -505,23 +577,40 @@ class DaliLoader:
             (out,) = pipe.run()
             return _outputs_to_torch(out, self.dataset.device_id)
         except RuntimeError as e:
-            log.debug("DALI rejected a batch, decoding its clips one by one: %s", e)
             self._pipe = None  # a pipeline that raised cannot run again
+            if isinstance(e, torch.OutOfMemoryError) or any(m in str(e).lower() for m in _OOM_MARKERS):
+                raise
+            self.fallbacks += 1
+            if self.fallbacks == 1 or self.fallbacks % _FALLBACK_WARN_EVERY == 0:
+                log.warning(
+                    "DALI rejected %d batch%s so far; their clips were decoded by PyAV one by one (slow); "
+                    "the bad clips found are decoded by PyAV directly from now on. Latest error: %s",
+                    self.fallbacks,
+                    "" if self.fallbacks == 1 else "es",
+                    str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__,
+                )
             return None
 
-    def _first_good(self, i: int, skipped: list[str], decode: bool) -> _Prepared | _Decoded | None:
+    def _first_good(
+        self, i: int, skipped: list[str], epoch: int, decode: bool
+    ) -> _Prepared | _Decoded | None:
         """Clip ``i`` or, in training, the next entry that passes (``decode``: by the reference decoder)."""
         clips = self.dataset
         tries = min(MAX_SUBSTITUTIONS, len(clips)) if clips.train else 1
         for k in range(tries):
             j = (i + k) % len(clips)
+            if j in self._known_bad:
+                skipped.append(clips.name(j))
+                continue
             try:
-                if decode:
-                    return clips.decode_reference(j)
-                prepared = clips.prepare(j)
-                return prepared if prepared is not None else clips.decode_reference(j)
+                if decode or j in self._reference_only:
+                    return clips.decode_reference(j, epoch)
+                prepared = clips.prepare(j, epoch)
+                return prepared if prepared is not None else clips.decode_reference(j, epoch)
             except VideoDecodeError as e:
                 log.debug("skipping bad clip: %s", e)
+                if isinstance(e, _BadClip):
+                    self._known_bad.add(j)
                 skipped.append(clips.name(j))
         if not clips.train:
             return None
@@ -530,10 +619,18 @@ class DaliLoader:
             "the data folder or manifest paths are probably wrong"
         )
 
-    def load_batch(self, indices: Sequence[int]) -> dict[str, Any]:
-        """The collated batch for these sampler indices (bad clips replaced in training, dropped in eval)."""
+    def load_batch(self, indices: Sequence[int], epoch: int | None = None) -> dict[str, Any]:
+        """The collated batch for these sampler indices (bad clips replaced in training, dropped in eval).
+
+        ``epoch`` defaults to the dataset's current one. Calls are serialised: the pipelines and what the
+        loader learnt about bad clips are shared by every iterator of this loader.
+        """
+        with self._lock:
+            return self._load_batch(indices, self.dataset.epoch if epoch is None else epoch)
+
+    def _load_batch(self, indices: Sequence[int], epoch: int) -> dict[str, Any]:
         skipped: list[str] = []
-        slots = [self._first_good(i, skipped, decode=False) for i in indices]
+        slots = [self._first_good(i, skipped, epoch, decode=False) for i in indices]
         batched = [k for k, s in enumerate(slots) if isinstance(s, _Prepared)]
         parts: list[tuple[list[int], torch.Tensor]] = []
         if batched:
@@ -545,12 +642,16 @@ class DaliLoader:
                 for k in batched:
                     bad = slots[k]
                     try:
-                        slots[k] = self.dataset.decode_reference(bad.index)  # type: ignore[union-attr]
+                        slots[k] = self.dataset.decode_reference(bad.index, epoch)  # type: ignore[union-attr]
                     except VideoDecodeError as e:
                         log.debug("skipping bad clip: %s", e)
+                        target = self._known_bad if isinstance(e, _BadClip) else self._reference_only
+                        target.add(bad.index)  # type: ignore[union-attr]
                         skipped.append(bad.name)  # type: ignore[union-attr]
                         nxt = (bad.index + 1) % len(self.dataset)  # type: ignore[union-attr]
-                        slots[k] = self._first_good(nxt, skipped, decode=True) if self.dataset.train else None
+                        slots[k] = (
+                            self._first_good(nxt, skipped, epoch, decode=True) if self.dataset.train else None
+                        )
         decoded = [k for k, s in enumerate(slots) if isinstance(s, _Decoded)]
         if decoded:
             parts.append((decoded, self._augment_decoded([slots[k] for k in decoded])))  # type: ignore[misc]
@@ -652,10 +753,13 @@ def dali_support(
     if isinstance(source, ShardIndex):
         return True, f"DALI on {where}: frame shards ({len(source)} clips), JPEG frames decoded by DALI"
     entries = [e for e in source if not is_image(e.video)]
-    if device_id is not None:
-        return True, f"DALI on {where}: raw videos decoded by NVDEC"
     if not entries:
-        return True, "DALI on CPU: image manifest, DALI augmentation"
+        return True, f"DALI on {where}: image manifest, images decoded by PIL, augmented by DALI"
+    if device_id is not None:
+        images = len(source) - len(entries)
+        return True, f"DALI on {where}: raw videos decoded by NVDEC" + (
+            f", {images} images by PIL" if images else ""
+        )
     picks = sorted(
         {round(k * (len(entries) - 1) / max(1, _SUPPORT_PROBES - 1)) for k in range(_SUPPORT_PROBES)}
     )

@@ -24,7 +24,6 @@ from data_dali.reference_loader import (
     _STD_255,
     _random_resized_crop_params,
     sample_frame_indices,
-    sample_rng,
 )
 
 __all__ = [
@@ -55,7 +54,6 @@ class ClipPlan:
     frame_ids: tuple[int, ...]
     box: tuple[float, float, float, float]
     flip: bool
-    rng: np.random.Generator
 
 
 def eval_box(height: int, width: int, size: int) -> tuple[float, float, float, float]:
@@ -76,9 +74,7 @@ def eval_box(height: int, width: int, size: int) -> tuple[float, float, float, f
 
 def plan_clip(
     *,
-    seed: int,
-    epoch: int,
-    index: int,
+    rng: np.random.Generator,
     total_frames: int | None,
     num_frames: int,
     height: int,
@@ -87,18 +83,18 @@ def plan_clip(
     train: bool,
     hflip: float,
 ) -> ClipPlan:
-    """The reference loader's draws, in its order: frame indices, crop box, flip.
+    """The reference loader's draws from the clip's generator, in its order: frame indices, crop box, flip.
 
-    ``total_frames=None`` marks an image: the reference decodes it without drawing frame indices, so
-    none are drawn here either and its one frame is repeated ``num_frames`` times.
+    ``rng`` is ``sample_rng(seed, epoch, index)``; the caller may draw more from it afterwards (a shard
+    clip's caption). ``total_frames=None`` marks an image: the reference decodes it without drawing frame
+    indices, so none are drawn here either and its one frame is repeated ``num_frames`` times.
     """
-    rng = sample_rng(seed, epoch, index)
     if total_frames is None:
         frame_ids = [0] * num_frames
     else:
         frame_ids = sample_frame_indices(total_frames, num_frames, train, rng)
     box, flip = draw_box(rng, height=height, width=width, size=size, train=train, hflip=hflip)
-    return ClipPlan(tuple(frame_ids), box, flip, rng)
+    return ClipPlan(tuple(frame_ids), box, flip)
 
 
 def draw_box(

@@ -339,6 +339,10 @@ def _append_lines(path: Path, lines: list[str]) -> None:
         os.fsync(f.fileno())
 
 
+# Parameters added after format 1 was released, with the value that folders prepared before had.
+_PARAM_DEFAULTS = {"label_column": "label"}
+
+
 def _check_params(out_dir: Path, params: dict[str, Any]) -> None:
     """Pin the parameters on the first run; refuse a rerun that would mix two kinds of shards."""
     path = out_dir / PARAMS_NAME
@@ -349,6 +353,7 @@ def _check_params(out_dir: Path, params: dict[str, Any]) -> None:
         old = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardError(f"{path} is corrupt ({e}); delete {out_dir} and run `miles prepare` again") from e
+    old = {**_PARAM_DEFAULTS, **old}
     for key in sorted(set(old) | set(params)):
         if old.get(key) != params.get(key):
             raise ShardError(
@@ -518,6 +523,7 @@ def prepare_shards(
     max_frames: int = 512,
     video_column: str = "video",
     caption_column: str = "caption",
+    label_column: str = "label",
     progress: bool = True,
     stop_after_shards: int | None = None,
 ) -> PrepareReport:
@@ -527,6 +533,7 @@ def prepare_shards(
     them (longer videos keep their first ``max_frames / fps`` seconds); images become one-frame clips.
     Frames are shrunk so the short side is ``size`` (never enlarged) and stored as JPEG ``quality``.
     Files that cannot be decoded are listed in skipped.jsonl and the report, never written as frames.
+    Labels (zero-shot classes) come from ``label_column`` and are stored per clip in the index.
     ``stop_after_shards`` ends the run after that many shards have been committed by this call, as an
     interruption would (for tests and for preparing a large manifest in several sittings).
     """
@@ -543,7 +550,9 @@ def prepare_shards(
         raise ShardError(
             f"--clips-per-shard and --max-frames must be positive, got {clips_per_shard}, {max_frames}"
         )
-    entries = read_manifest(manifest, video_column=video_column, caption_column=caption_column)
+    entries = read_manifest(
+        manifest, video_column=video_column, caption_column=caption_column, label_column=label_column
+    )
     clips = group_entries(entries)
     params = {
         "format_version": FORMAT_VERSION,
@@ -556,6 +565,7 @@ def prepare_shards(
         "manifest_sha256": _sha256(manifest),
         "video_column": video_column,
         "caption_column": caption_column,
+        "label_column": label_column,
     }
     if out_dir.exists() and not out_dir.is_dir():
         raise ShardError(f"output {out_dir} exists and is not a folder; choose another output folder")
@@ -714,54 +724,61 @@ class ShardIndex:
         self._lock = threading.Lock()
         self._pid = os.getpid()
 
-    def _map(self, shard: Path) -> mmap.mmap:
+    def _map_locked(self, shard: Path) -> mmap.mmap:
+        """The cached map of ``shard`` (held lock: an evicted map is closed only while nobody slices it)."""
+        hit = self._maps.get(shard)
+        if hit is not None:
+            self._maps.move_to_end(shard)
+            return hit[1]
+        fix = f"rerun `miles prepare` for {self.root}"
+        try:
+            f = shard.open("rb")
+        except OSError as e:
+            raise ShardError(f"frame shard {shard} cannot be opened ({e}); {fix}") from e
+        try:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as e:  # ValueError: an empty file
+            f.close()
+            raise ShardError(f"frame shard {shard} cannot be mapped ({e}); {fix}") from e
+        self._maps[shard] = (f, mm)
+        while len(self._maps) > _MAX_OPEN_SHARDS:
+            _, (old_f, old_mm) = self._maps.popitem(last=False)
+            old_mm.close()
+            old_f.close()
+        return mm
+
+    def read_frames(self, i: int, frame_ids: Sequence[int]) -> list[bytes]:
+        """JPEG bytes of clip ``i``'s stored frames ``frame_ids`` (indices into ``clips[i].frames``).
+
+        Thread-safe: the slices are copied under the cache lock, so another thread's eviction never
+        closes a map in use.
+        """
+        clip = self.clips[i]
+        for j in frame_ids:
+            if not 0 <= j < len(clip.frames):
+                raise IndexError(
+                    f"clip {clip.key} ({clip.source}) has {len(clip.frames)} frames, asked for {j}"
+                )
         if self._pid != os.getpid():
             # Forked: the parent's maps belong to it; start an empty cache of our own.
             self._maps = OrderedDict()
             self._lock = threading.Lock()
             self._pid = os.getpid()
         with self._lock:
-            hit = self._maps.get(shard)
-            if hit is not None:
-                self._maps.move_to_end(shard)
-                return hit[1]
-            try:
-                f = shard.open("rb")
-            except OSError as e:
-                raise ShardError(
-                    f"frame shard {shard} cannot be opened ({e}); rerun `miles prepare` for {self.root}"
-                ) from e
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            self._maps[shard] = (f, mm)
-            while len(self._maps) > _MAX_OPEN_SHARDS:
-                _, (old_f, old_mm) = self._maps.popitem(last=False)
-                old_mm.close()
-                old_f.close()
-            return mm
-
-    def read_frames(self, i: int, frame_ids: Sequence[int]) -> list[bytes]:
-        """JPEG bytes of clip ``i``'s stored frames ``frame_ids`` (indices into ``clips[i].frames``)."""
-        clip = self.clips[i]
-        mm = self._map(clip.shard)
-        out = []
-        for j in frame_ids:
-            if not 0 <= j < len(clip.frames):
-                raise IndexError(
-                    f"clip {clip.key} ({clip.source}) has {len(clip.frames)} frames, asked for {j}"
-                )
-            offset, size = clip.frames[j]
-            data = mm[offset : offset + size]
-            if len(data) != size:
+            mm = self._map_locked(clip.shard)
+            out = [mm[offset : offset + size] for offset, size in (clip.frames[j] for j in frame_ids)]
+        for j, data in zip(frame_ids, out, strict=True):
+            if len(data) != clip.frames[j][1]:
                 raise ShardError(
                     f"frame shard {clip.shard} is shorter than its index says (clip {clip.key}); "
                     f"rerun `miles prepare` for {self.root}"
                 )
-            out.append(data)
         return out
 
     def close(self) -> None:
         """Unmap every cached shard (also happens when the index is garbage collected)."""
-        for f, mm in self._maps.values():
-            mm.close()
-            f.close()
-        self._maps.clear()
+        with self._lock:
+            for f, mm in self._maps.values():
+                mm.close()
+                f.close()
+            self._maps.clear()

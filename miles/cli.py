@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--max-frames", type=int, default=512, help="frames kept per clip at most")
     prep.add_argument("--video-column", default="video")
     prep.add_argument("--caption-column", default="caption")
+    prep.add_argument("--label-column", default="label", help="class label column (zero-shot), optional")
 
     bench = sub.add_parser("bench", help="run the benchmark suites, write REPORT.md and ratios.png")
     bench.add_argument(
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_frames=args.max_frames,
                 video_column=args.video_column,
                 caption_column=args.caption_column,
+                label_column=args.label_column,
             )
             print(report.summary())
         elif args.command == "bench":

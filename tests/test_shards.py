@@ -333,3 +333,99 @@ def test_frame_cap_and_rates_above_the_source(data: dict[str, Path], tmp_path: P
     fast = ShardIndex.open(tmp_path / "fast")
     frames = fast.read_frames(1, range(len(fast.clips[1].frames)))
     assert len(frames) == 32 and frames[0::2] == frames[1::2] and len(set(frames)) == 16
+
+
+def test_label_column_reaches_the_index(data: dict[str, Path], tmp_path: Path) -> None:
+    """Labels in a column not named `label` are kept (API and CLI), pinned in prepare.json on resume."""
+    demo_clip = sorted((data["root"] / "demo" / "videos" / "val").glob("*.mp4"))[0]
+    manifest = tmp_path / "classes.csv"
+    with manifest.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["video", "caption", "action"])
+        w.writerows(
+            [(str(data["bikes"]), "people riding bikes", "cycling"), (str(demo_clip), "a shape", "moving")]
+        )
+    out = tmp_path / "api"
+    prepare_shards(manifest, out, label_column="action", workers=1, **{**PREP, "size": 64})
+    assert [c.label for c in ShardIndex.open(out).clips] == ["cycling", "moving"]
+    assert json.loads((out / "prepare.json").read_text())["label_column"] == "action"
+    with pytest.raises(ShardError, match="label_column='action'.*label_column='label'"):
+        prepare_shards(manifest, out, workers=1, **{**PREP, "size": 64})
+    cli_out = tmp_path / "cli"
+    args = [
+        "prepare",
+        str(manifest),
+        str(cli_out),
+        "--size",
+        "64",
+        "--workers",
+        "1",
+        "--label-column",
+        "action",
+    ]
+    assert main(args) == 0
+    assert [c.label for c in ShardIndex.open(cli_out).clips] == ["cycling", "moving"]
+
+
+def test_params_from_before_label_column_still_resume(data: dict[str, Path], tmp_path: Path) -> None:
+    """A folder prepared before `label_column` was recorded resumes with the default column."""
+    out = tmp_path / "old"
+    prepare_shards(data["manifest"], out, workers=1, stop_after_shards=1, **PREP)
+    params = json.loads((out / "prepare.json").read_text())
+    del params["label_column"]
+    (out / "prepare.json").write_text(json.dumps(params))
+    assert prepare_shards(data["manifest"], out, workers=1, **PREP).clips == 7
+
+
+def test_unmappable_shard_is_named_and_closed(prepared, tmp_path: Path) -> None:
+    """An empty shard file raises ShardError naming it, and its file descriptor is not leaked."""
+    import os
+
+    index = ShardIndex.open(prepared[0])
+    empty = tmp_path / "empty.tar"
+    empty.write_bytes(b"")
+    index.clips[0] = type(index.clips[0])(**{**index.clips[0].__dict__, "shard": empty})
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with pytest.raises(ShardError, match=r"empty\.tar cannot be mapped.*miles prepare"):
+            index.read_frames(0, [0])
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_threads_read_while_the_cache_evicts(prepared, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a one-map cache, threads alternating between shards never slice a map another closed."""
+    import sys
+    import threading
+
+    import data_dali.shards as shards
+
+    monkeypatch.setattr(shards, "_MAX_OPEN_SHARDS", 1)
+    index = ShardIndex.open(prepared[0])
+    first: dict[Path, int] = {}
+    for i, c in enumerate(index.clips):
+        if len(c.frames) >= 2:
+            first.setdefault(c.shard, i)
+    picks = sorted(first.values())
+    assert len(picks) >= 2
+    want = {i: index.read_frames(i, [0, 1]) for i in picks}
+    errors: list[BaseException] = []
+
+    def reader(offset: int) -> None:
+        try:
+            for k in range(300):
+                i = picks[(k + offset) % len(picks)]
+                assert index.read_frames(i, [0, 1]) == want[i]
+        except BaseException as e:  # noqa: BLE001  # collected and re-raised by the test thread
+            errors.append(e)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=reader, args=(t,)) for t in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert errors == []
