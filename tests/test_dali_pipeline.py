@@ -334,11 +334,16 @@ def test_loader_batches_equal_reference(dataset: tuple[Path, list[ManifestEntry]
         assert diff.mean() < 2.0, diff.mean()
 
 
+@pytest.mark.parametrize("source", ["raw_vp9", "shards"])
 def test_loader_ranks_cover_epoch_and_resume(
-    dataset: tuple[Path, list[ManifestEntry]], tokenizer: Any
+    source: str, request: pytest.FixtureRequest, tokenizer: Any
 ) -> None:
     """Two ranks built separately see every clip once; set_start_batch continues the epoch exactly."""
-    _, entries = dataset
+    entries = (
+        request.getfixturevalue("dataset")[1]
+        if source == "raw_vp9"
+        else request.getfixturevalue("shard_index")
+    )
     seen = []
     for rank in range(2):
         kw = _loader_kwargs(batch_size=1)
