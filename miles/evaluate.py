@@ -159,6 +159,7 @@ def evaluate(
         result["zeroshot"] = zeroshot_accuracy(video_emb @ class_emb.T, [classes.index(x) for x in labelled])
         num_classes = len(classes)
     result["chance"] = chance_levels(len(kept), len(caption_ids), num_classes)
+    result["data_backend"] = backend
     result["skipped_videos"] = len(skipped)
     result["skipped_paths"] = skipped
     model.train(was_training)

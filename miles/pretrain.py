@@ -169,6 +169,7 @@ def run_pretraining(cfg: Config, out_dir: Path, resume: bool = False) -> dict[st
             "attention": cfg.model.attention,
             "attention_backend": attention.backend,
             "data_backend": data_backend,
+            "eval_data_backend": trained["data_backend"],
             "steps": summary["steps"],
             "train_seconds": summary["train_seconds"],
             "train_clips_per_s": summary["clips_per_s"],

@@ -148,7 +148,8 @@ def test_frame_shards_train_and_evaluate_with_dali(smoke_shards: Path, tmp_path:
     proc = _miles("pretrain", "--preset", "smoke", "--out", str(run), *_shard_overrides(smoke_shards))
     assert proc.stderr.count("training data: DALI on CPU: frame shards (32 clips)") == 1
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["data_backend"] == "dali" and metrics["skipped_videos"] == 0
+    assert metrics["data_backend"] == metrics["eval_data_backend"] == "dali"
+    assert metrics["skipped_videos"] == 0
     assert metrics["chance"]["R1"] == pytest.approx(100 / 12)  # all 12 validation clips, from shards
     assert metrics["chance"]["top1"] == pytest.approx(100 / 7)  # labels travel through the shards
     ckpt = sorted((run / "checkpoints").glob("step_*.pt"))[-1]
