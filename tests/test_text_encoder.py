@@ -41,3 +41,28 @@ def test_bad_text_model_names(tmp_path: Path) -> None:
         build_text_encoder("no-such-architecture-xyz")
     with pytest.raises(FileNotFoundError, match="config.json"):
         build_text_encoder(str(tmp_path))
+
+
+def test_folder_without_weights_builds_its_config_randomly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A config + tokenizer folder (the offline GPU bundle) gives the architecture, freshly initialised."""
+    import shutil
+
+    src = shipped_minilm_dir()
+    for name in (
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.txt",
+        "special_tokens_map.json",
+    ):
+        shutil.copy(src / name, tmp_path / name)
+    with caplog.at_level(logging.WARNING, logger="miles"):
+        model, tokenizer, hidden = build_text_encoder(str(tmp_path))
+    assert hidden == 384 and type(model).__name__ == "BertModel" and tokenizer.is_fast
+    assert "RANDOMLY INITIALISED" in caplog.text and str(tmp_path) in caplog.text
+    pretrained, _, _ = build_text_encoder("minilm")
+    weights = dict(pretrained.named_parameters())
+    name, param = next((n, p) for n, p in model.named_parameters() if n.endswith("query.weight"))
+    assert param.shape == weights[name].shape and not torch.equal(param, weights[name])
