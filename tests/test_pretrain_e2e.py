@@ -208,8 +208,13 @@ def test_bad_videos_are_skipped_counted_and_named(smoke_data: Path, tmp_path: Pa
     assert json.loads((run / "metrics.json").read_text())["chance"]["R1"] == pytest.approx(100 / 12)
 
 
-def test_two_process_torchrun_smoke(smoke_data: Path, tmp_path: Path) -> None:
-    """DDP on gloo: both ranks train in step and rank 0 writes the metrics of the 2-process run."""
+@pytest.mark.parametrize("source", ["manifest", "shards"])
+def test_two_process_torchrun_smoke(source: str, request, tmp_path: Path) -> None:
+    """DDP on gloo: both ranks train in step and rank 0 writes the metrics of the 2-process run; with
+    frame shards each rank runs its own DALI pipeline on its share of every epoch."""
+    data = _data_overrides(request.getfixturevalue("smoke_data"))
+    if source == "shards":
+        data = _shard_overrides(request.getfixturevalue("smoke_shards"))
     run = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     cmd = [
@@ -225,7 +230,7 @@ def test_two_process_torchrun_smoke(smoke_data: Path, tmp_path: Path) -> None:
         "smoke",
         "--out",
         str(run),
-        *_data_overrides(smoke_data),
+        *data,
         "train.batch_size=4",
         "eval.before_training=false",
     ]
@@ -233,6 +238,7 @@ def test_two_process_torchrun_smoke(smoke_data: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["world_size"] == 2
+    assert metrics["data_backend"] == ("dali" if source == "shards" else "reference")
     log = _losses(run)
     assert [s for s, _, _ in log] == list(range(1, 7))
     assert all(mvm > 0 for _, _, mvm in log)
