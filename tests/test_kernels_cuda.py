@@ -65,12 +65,15 @@ def _grads_match(out, ref, inputs, tol: float, gen: torch.Generator) -> None:
     want = torch.autograd.grad(ref, inputs, upstream)
     for i, (a, e) in enumerate(zip(got, want, strict=True)):
         err = _rel_err(a, e)
-        assert err <= tol, f"gradient of input {i} {tuple(e.shape)} {e.dtype}: relative error {err:.3g} > {tol}"
+        where = f"gradient of input {i} {tuple(e.shape)} {e.dtype}"
+        assert err <= tol, f"{where}: relative error {err:.3g} > {tol}"
 
 
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}F{}N{}C{}".format(*s[:4]))
-def test_tube_mask_drop_restore_compiled(shape: tuple[int, int, int, int, float], x_dtype: torch.dtype) -> None:
+def test_tube_mask_drop_restore_compiled(
+    shape: tuple[int, int, int, int, float], x_dtype: torch.dtype
+) -> None:
     b, f, n, c, ratio = shape
     side = int(n**0.5)
     grid = (side, side) if side * side == n else (7, 7)
