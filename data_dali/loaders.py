@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from data_dali.manifest import ManifestEntry, read_manifest
+from data_dali.manifest import DEFAULT_LABEL_COLUMN, ManifestEntry, read_manifest
 from data_dali.shards import ShardIndex, is_shard_dir
 
 __all__ = ["DATA_BACKENDS", "DataSource", "build_loader", "open_source", "resolve_data_backend"]
@@ -29,13 +29,18 @@ def open_source(
     *,
     video_column: str = "video",
     caption_column: str = "caption",
-    label_column: str = "label",
+    label_column: str = DEFAULT_LABEL_COLUMN,
+    require_label_column: bool = False,
 ) -> DataSource:
     """A manifest's entries, or the index of a frame-shard folder (or its index.jsonl)."""
     if is_shard_dir(path):
         return ShardIndex.open(path)
     return read_manifest(
-        Path(path), video_column=video_column, caption_column=caption_column, label_column=label_column
+        Path(path),
+        video_column=video_column,
+        caption_column=caption_column,
+        label_column=label_column,
+        require_label_column=require_label_column,
     )
 
 

@@ -97,18 +97,24 @@ def _read_rows(path: Path) -> tuple[list[str], list[dict]]:
     )
 
 
+DEFAULT_LABEL_COLUMN = "label"
+
+
 def read_manifest(
     path: Path,
     *,
     video_column: str = "video",
     caption_column: str = "caption",
-    label_column: str = "label",
+    label_column: str = DEFAULT_LABEL_COLUMN,
     root: Path | None = None,
+    require_label_column: bool = False,
 ) -> list[ManifestEntry]:
     """Read a manifest into entries with resolved video paths.
 
     Relative video paths resolve against ``root`` when given, else against the manifest's folder, so a
-    dataset folder can be moved as a whole. The label column is optional (None when absent or empty).
+    dataset folder can be moved as a whole. Labels are optional (None when the column is absent or empty)
+    unless ``require_label_column``: callers set it when a label column was named on purpose, so that a
+    typo is an error rather than a manifest without labels.
     """
     path = Path(path)
     if not path.is_file():
@@ -132,6 +138,12 @@ def read_manifest(
                 f"manifest {path} has no column {column!r} (columns: {', '.join(map(str, columns))}); "
                 f"{_suggest(role, option, columns)}"
             )
+    if require_label_column and label_column not in columns:
+        listed = ", ".join(map(str, columns))
+        raise ManifestError(
+            f"manifest {path} has no label column {label_column!r} (columns: {listed}); name one of them "
+            "as the label column, or leave the default for a manifest without labels"
+        )
     base = (Path(root) if root is not None else path.parent).absolute()
     line_offset = 2 if path.suffix.lower() in (".csv", ".tsv") else 1
     entries = []

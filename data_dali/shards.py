@@ -37,7 +37,7 @@ import av
 from PIL import Image
 from tqdm import tqdm
 
-from data_dali.manifest import ManifestEntry, is_image, read_manifest
+from data_dali.manifest import DEFAULT_LABEL_COLUMN, ManifestEntry, is_image, read_manifest
 from data_dali.reference_loader import _COUNT_TOLERANCE, VideoDecodeError, _check_file, _frame_count
 
 __all__ = [
@@ -551,7 +551,11 @@ def prepare_shards(
             f"--clips-per-shard and --max-frames must be positive, got {clips_per_shard}, {max_frames}"
         )
     entries = read_manifest(
-        manifest, video_column=video_column, caption_column=caption_column, label_column=label_column
+        manifest,
+        video_column=video_column,
+        caption_column=caption_column,
+        label_column=label_column,
+        require_label_column=label_column != DEFAULT_LABEL_COLUMN,  # named on purpose: a typo must not pass
     )
     clips = group_entries(entries)
     params = {

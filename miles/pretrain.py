@@ -13,6 +13,7 @@ import torch
 
 from data_dali.demo import write_demo_dataset
 from data_dali.loaders import DataSource, open_source, resolve_data_backend
+from data_dali.manifest import DEFAULT_LABEL_COLUMN
 from data_dali.shards import is_shard_dir
 from miles import checkpoint as ckpt
 from miles.attention import resolve_attention, set_attention_backend
@@ -43,10 +44,15 @@ def ensure_data(cfg: Config, main: bool) -> None:
             raise ConfigError(f"manifest {p} is still missing after demo generation; check data.root")
 
 
-def _read(cfg: Config, path: str) -> DataSource:
+def _read(cfg: Config, path: str, labelled: bool = False) -> DataSource:
+    """`labelled`: zero-shot labels are wanted, so a label column named in the config must exist."""
     d = cfg.data
     return open_source(
-        path, video_column=d.video_column, caption_column=d.caption_column, label_column=d.label_column
+        path,
+        video_column=d.video_column,
+        caption_column=d.caption_column,
+        label_column=d.label_column,
+        require_label_column=labelled and d.label_column != DEFAULT_LABEL_COLUMN,
     )
 
 
@@ -102,7 +108,7 @@ def run_pretraining(cfg: Config, out_dir: Path, resume: bool = False) -> dict[st
     started = time.perf_counter()
     ensure_data(cfg, main)
     train_entries = _read(cfg, cfg.data.train_manifest)
-    val_entries = _read(cfg, cfg.data.val_manifest)
+    val_entries = _read(cfg, cfg.data.val_manifest, labelled=bool(cfg.data.classes))
     if len(train_entries) // dist.world_size < cfg.train.batch_size:
         raise ConfigError(
             f"config key 'train.batch_size': {cfg.train.batch_size} per process exceeds the "
@@ -228,7 +234,7 @@ def run_eval(
     model = MilesModel(cfg).to(dist.device)
     set_attention_backend(model, resolve_attention(cfg.model.attention, dist.device).backend)
     model.load_state_dict(state["model"])
-    entries = _read(cfg, str(manifest))
+    entries = _read(cfg, str(manifest), labelled=classes_path is not None)
     if classes_path is None and any(label is not None for label in EvalSet.from_source(entries).labels):
         # labels but no --classes: the class list the checkpoint was trained with, if it is still there
         trained_with = Path(cfg.data.classes) if cfg.data.classes else None

@@ -110,6 +110,11 @@ def test_manifest_custom_columns(tmp_path: Path) -> None:
         tmp_path / "m.csv", video_column="path", caption_column="text", label_column="cls"
     )
     assert entries == [ManifestEntry(tmp_path.absolute() / "q.mp4", "hello", "1")]
+    # Labels are optional, unless the caller named the label column on purpose (then a typo is an error).
+    kw = {"video_column": "path", "caption_column": "text", "label_column": "clss"}
+    assert read_manifest(tmp_path / "m.csv", **kw)[0].label is None
+    with pytest.raises(ManifestError, match="no label column 'clss'.*columns: path, text, cls"):
+        read_manifest(tmp_path / "m.csv", **kw, require_label_column=True)
 
 
 def test_manifest_errors_name_file_problem_and_fix(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from data_dali.demo import write_demo_dataset
-from data_dali.manifest import read_manifest
+from data_dali.manifest import ManifestError, read_manifest
 from data_dali.shards import (
     PrepareReport,
     ShardError,
@@ -365,6 +365,10 @@ def test_label_column_reaches_the_index(data: dict[str, Path], tmp_path: Path) -
     ]
     assert main(args) == 0
     assert [c.label for c in ShardIndex.open(cli_out).clips] == ["cycling", "moving"]
+    # A mistyped label column is refused before any work, not taken for "no labels".
+    with pytest.raises(ManifestError, match="no label column 'actoin'"):
+        prepare_shards(manifest, tmp_path / "typo", label_column="actoin", workers=1, **PREP)
+    assert not (tmp_path / "typo").exists()
 
 
 def test_params_from_before_label_column_still_resume(data: dict[str, Path], tmp_path: Path) -> None:
