@@ -73,6 +73,13 @@ def mask_sizes(batch: int, grid: tuple[int, int], ratio: float) -> tuple[int, in
     return n, m, n - m
 
 
+def rectangle_areas(n: int, m: int, min_area: int) -> tuple[int, int]:
+    """(smallest, largest) area of one masking rectangle: at most 40 % of the grid and never more than the
+    m positions to hide; every implementation draws areas from this range."""
+    max_area = max(min(m, (2 * n) // 5), min(min_area, m))
+    return min(min_area, max_area), max_area
+
+
 def nothing_hidden(batch: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     mask = torch.zeros(batch, n, dtype=torch.bool, device=device)
     return mask, torch.arange(n, device=device).expand(batch, n).clone()
@@ -97,8 +104,7 @@ def tube_mask_reference(
     samples = torch.arange(batch, device=device, dtype=torch.int64)
 
     # Rectangles: area in [min_area, max_area], aspect within [0.3, 3.33], random placement.
-    max_area = max(min(m, (2 * n) // 5), min(min_area, m))
-    lo_area = min(min_area, max_area)
+    lo_area, max_area = rectangle_areas(n, m, min_area)
     r = torch.arange(NUM_RECTANGLES, device=device, dtype=torch.int64)
     counters = samples[:, None] * 0 + r[None, :] * 4  # [B, R]
     sample_ids = samples[:, None].expand_as(counters)

@@ -29,7 +29,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.tube_mask import ASPECT_DEN, ASPECT_MIN_NUM, NUM_RECTANGLES, mask_sizes, nothing_hidden
+from kernels.tube_mask import (
+    ASPECT_DEN,
+    ASPECT_MIN_NUM,
+    NUM_RECTANGLES,
+    mask_sizes,
+    nothing_hidden,
+    rectangle_areas,
+)
 
 MASK32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
@@ -222,8 +229,7 @@ def tube_mask_triton(
         return nothing_hidden(batch, n, device)
     assert ASPECT_MIN_NUM == 3 and ASPECT_DEN == 10, "the key kernel hard-codes the 0.3 aspect bound"
 
-    max_area = max(min(m, (2 * n) // 5), min(min_area, m))
-    lo_area = min(min_area, max_area)
+    lo_area, max_area = rectangle_areas(n, m, min_area)
     base = _base(seed, step)
 
     keys = torch.empty(batch, n, dtype=torch.int64, device=device)

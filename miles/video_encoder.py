@@ -14,7 +14,7 @@ import torch.nn as nn
 from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 
 import kernels
-from miles.attention import DividedAttention, set_attention_backend
+from miles.attention import DividedAttention
 
 
 class SpaceTimeBlock(nn.Module):
@@ -98,9 +98,6 @@ class SpaceTimeTransformer(nn.Module):
         if time_init == "zeros":  # after the generic init, which would overwrite it
             for blk in self.blocks:
                 blk.timeattn.zero_init()
-
-    def set_attention_backend(self, backend: str) -> None:
-        set_attention_backend(self, backend)
 
     def embed(self, video: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """video [B, F, 3, H, W] -> tokens [B, 1 + F*N, D] with position embeddings.

@@ -12,7 +12,13 @@ import pytest
 import torch
 
 import miles.attention as attention
-from miles.attention import DividedAttention, attend, resolve_attention, resolve_attention_backend
+from miles.attention import (
+    DividedAttention,
+    attend,
+    resolve_attention,
+    resolve_attention_backend,
+    set_attention_backend,
+)
 from miles.config import ConfigError, build_config
 from miles.video_encoder import SpaceTimeTransformer
 
@@ -104,7 +110,7 @@ def _model(backend: str) -> SpaceTimeTransformer:
     model = SpaceTimeTransformer(
         img_size=16, patch_size=4, embed_dim=DIM, depth=2, num_heads=HEADS, num_frames=4, time_init="random"
     ).eval()
-    model.set_attention_backend(backend)
+    set_attention_backend(model, backend)
     return model
 
 
@@ -116,7 +122,7 @@ def test_encoder_backend_equals_reference(backend: str, frames: int, mode: str) 
     device = _device_for(backend)
     ref = _model("reference").to(device)
     fast = copy.deepcopy(ref)
-    fast.set_attention_backend(backend)
+    set_attention_backend(fast, backend)
     g = torch.Generator().manual_seed(3)
     video = torch.randn(2, frames, 3, 16, 16, generator=g).to(device)
     visible = torch.stack([torch.randperm(N, generator=g)[:4].sort().values for _ in range(2)]).to(device)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from miles.attention import DividedAttention, attend
+from miles.attention import DividedAttention, attend, set_attention_backend
 from miles.video_encoder import SpaceTimeTransformer
 
 KW = dict(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=4)
@@ -33,7 +33,7 @@ def _pair(seed: int = 0) -> tuple[VisionTransformer, SpaceTimeTransformer]:
 @pytest.mark.parametrize("backend", ["sdpa", "reference"])
 def test_one_frame_equals_timm_vit(backend: str) -> None:
     vit, model = _pair()
-    model.set_attention_backend(backend)
+    set_attention_backend(model, backend)
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         expected = vit(x)
