@@ -177,6 +177,9 @@ def _tube_visible_kernel(mask_ptr, visible_ptr, n, k, BLOCK: tl.constexpr):
         carry += tl.reduce(vis, 0, _ADD)
 
 
+INTERPRETED = type(_tube_keys_kernel).__name__ == "InterpretedFunction"
+
+
 def _hash32_host(x: int) -> int:
     x &= MASK32
     x ^= x >> 16

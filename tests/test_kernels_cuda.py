@@ -19,6 +19,8 @@ if not torch.cuda.is_available():
 if os.environ.get("TRITON_INTERPRET", "").strip() not in ("", "0"):
     pytest.skip("TRITON_INTERPRET is set: this module checks the compiled kernels", allow_module_level=True)
 
+from kernel_checks import rel_err  # noqa: E402
+
 import kernels  # noqa: E402
 import kernels.masked_feature_loss_triton as mt  # noqa: E402
 import kernels.tokens_triton as tt  # noqa: E402
@@ -34,21 +36,11 @@ SHAPES = [(32, 4, 196, 768, 0.75), (8, 16, 784, 1024, 0.9), (5, 3, 49, 100, 0.5)
 
 @pytest.fixture(scope="module", autouse=True)
 def _compiled() -> None:
-    interpreted = [m.__name__ for m in (tt, mt) if m.INTERPRETED]
-    if type(mk._tube_keys_kernel).__name__ == "InterpretedFunction":
-        interpreted.append(mk.__name__)
+    interpreted = [m.__name__ for m in (tt, mt, mk) if m.INTERPRETED]
     assert not interpreted, (
         f"{interpreted} were imported under TRITON_INTERPRET in this process: run this module on its own "
         "(pytest tests/test_kernels_cuda.py), as benchmarks/gpu_check.sh does"
     )
-
-
-def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype
-    a, e = actual.float(), expected.float()
-    if not torch.isfinite(a).all():
-        return float("inf")
-    return ((a - e).abs().max() / e.abs().max().clamp_min(1e-12)).item()
 
 
 def _tol(*tensors: torch.Tensor) -> float:
@@ -64,7 +56,7 @@ def _grads_match(out, ref, inputs, tol: float, gen: torch.Generator) -> None:
     got = torch.autograd.grad(out, inputs, upstream)
     want = torch.autograd.grad(ref, inputs, upstream)
     for i, (a, e) in enumerate(zip(got, want, strict=True)):
-        err = _rel_err(a, e)
+        err = rel_err(a, e)
         where = f"gradient of input {i} {tuple(e.shape)} {e.dtype}"
         assert err <= tol, f"{where}: relative error {err:.3g} > {tol}"
 
@@ -88,13 +80,13 @@ def test_tube_mask_drop_restore_compiled(
     out = kernels.drop_tokens(x, visible, pos, time, impl="triton")
     ref = drop_tokens_reference(x, visible, pos, time)
     tol = _tol(x)
-    assert _rel_err(out, ref) <= tol
+    assert rel_err(out, ref) <= tol
     _grads_match(out, ref, (x, pos, time), tol, gen)
     y = _leaf((b, f, k, c), x_dtype, gen)
     mask_token = _leaf((c,), torch.float32, gen)
     out = kernels.restore_tokens(y, visible, mask_token, pos, time, impl="triton")
     ref = restore_tokens_reference(y, visible, mask_token, pos, time)
-    assert _rel_err(out, ref) <= tol
+    assert rel_err(out, ref) <= tol
     _grads_match(out, ref, (y, mask_token, pos, time), tol, gen)
 
 
@@ -116,7 +108,7 @@ def test_masked_feature_loss_compiled(
     assert abs(got.item() - want.item()) <= tol * abs(want.item())
     (g_got,) = torch.autograd.grad(got, pred)
     (g_want,) = torch.autograd.grad(want, pred)
-    assert _rel_err(g_got, g_want) <= tol
+    assert rel_err(g_got, g_want) <= tol
     assert got.item() == kernels.masked_feature_loss(pred, target, hidden, kind=kind, impl="triton").item()
 
 

@@ -1,39 +1,20 @@
 """Fused Triton MVM loss against the PyTorch reference, loss value and pred gradient, on CPU.
 
-The kernels run through the Triton interpreter: TRITON_INTERPRET=1 must be set before triton wraps the
-kernels (when `kernels.masked_feature_loss_triton` is imported). The variable is put back as it was once
-this module is imported and set again only around its own tests, so other test modules keep the reference
-path.
+The kernels run through the Triton interpreter (`kernel_checks.import_interpreted`); TRITON_INTERPRET is set
+again around each test, since triton reads it once more at the first launch.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
+import pytest
+import torch
+import torch.nn.functional as F
+from kernel_checks import import_interpreted, rel_err
 
-_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
+import kernels
+from kernels.masked_feature_loss import masked_feature_loss_reference
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-try:
-    import triton  # noqa: E402, F401
-except Exception as exc:  # pragma: no cover - depends on the environment
-    pytest.skip(f"triton does not import ({type(exc).__name__}: {exc})", allow_module_level=True)
-
-import kernels  # noqa: E402
-import kernels.masked_feature_loss_triton as mt  # noqa: E402
-from kernels.masked_feature_loss import masked_feature_loss_reference  # noqa: E402
-
-if not mt.INTERPRETED:  # imported earlier in this process without TRITON_INTERPRET: wrap the kernels again
-    mt = importlib.reload(mt)
-
-if _PREVIOUS_INTERPRET is None:
-    del os.environ["TRITON_INTERPRET"]
-else:
-    os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
+mt = import_interpreted("kernels.masked_feature_loss_triton")
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
@@ -43,18 +24,6 @@ def _interpret_and_poison(monkeypatch: pytest.MonkeyPatch) -> None:
     """Interpreter on; outputs the kernels must fully write are allocated as NaN (unwritten -> NaN)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(mt, "POISON_OUTPUTS", True)
-
-
-def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected| (in fp32); NaN anywhere in actual counts as inf."""
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype
-    a, e = actual.float(), expected.float()
-    if torch.isnan(a).any():
-        return float("inf")
-    if e.numel() == 0:
-        return 0.0
-    scale = e.abs().max().clamp_min(1e-12)
-    return ((a - e).abs().max() / scale).item()
 
 
 def _hidden(b: int, n: int, m: int, gen: torch.Generator) -> torch.Tensor:
@@ -84,12 +53,12 @@ def _check_against_reference(
     want = masked_feature_loss_reference(pred, target, hidden, kind=kind, normalize_target=normalize)
     assert got.shape == () and got.dtype == want.dtype == torch.float32
     assert torch.isfinite(got)
-    assert _rel_err(got, want) <= tol, f"loss {got.item()} vs reference {want.item()}"
+    assert rel_err(got, want) <= tol, f"loss {got.item()} vs reference {want.item()}"
     g = torch.tensor(upstream)
     (grad,) = torch.autograd.grad(got, (pred,), g)
     (grad_ref,) = torch.autograd.grad(want, (pred,), g)
     assert grad.dtype == pred.dtype and grad.shape == pred.shape
-    err = _rel_err(grad, grad_ref)
+    err = rel_err(grad, grad_ref)
     assert err <= tol, f"pred gradient: relative error {err:.3g} > {tol}"
     return grad
 

@@ -1,37 +1,19 @@
 """Triton drop / restore kernels against the PyTorch references, forward and backward, on CPU.
 
-The kernels run through the Triton interpreter: TRITON_INTERPRET=1 must be set before triton wraps the
-kernels (when `kernels.tokens_triton` is imported). The variable is put back as it was once this module is
-imported and set again only around its own tests, so other test modules keep the reference path.
+The kernels run through the Triton interpreter (`kernel_checks.import_interpreted`); TRITON_INTERPRET is set
+again around each test, since triton reads it once more at the first launch.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
+import pytest
+import torch
+from kernel_checks import import_interpreted, rel_err
 
-_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
+import kernels
+from kernels.tokens import drop_tokens_reference, restore_tokens_reference
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-try:
-    import triton  # noqa: E402, F401
-except Exception as exc:  # pragma: no cover - depends on the environment
-    pytest.skip(f"triton does not import ({type(exc).__name__}: {exc})", allow_module_level=True)
-
-import kernels  # noqa: E402
-import kernels.tokens_triton as tt  # noqa: E402
-from kernels.tokens import drop_tokens_reference, restore_tokens_reference  # noqa: E402
-
-if not tt.INTERPRETED:  # imported earlier in this process without TRITON_INTERPRET: wrap the kernels again
-    tt = importlib.reload(tt)
-
-if _PREVIOUS_INTERPRET is None:
-    del os.environ["TRITON_INTERPRET"]
-else:
-    os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
+tt = import_interpreted("kernels.tokens_triton")
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
@@ -41,18 +23,6 @@ def _interpret_and_poison(monkeypatch: pytest.MonkeyPatch) -> None:
     """Interpreter on; outputs the kernels must fully write are allocated as NaN (unwritten -> NaN)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(tt, "POISON_OUTPUTS", True)
-
-
-def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected| (in fp32); NaN anywhere in actual counts as inf."""
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype
-    a, e = actual.float(), expected.float()
-    if torch.isnan(a).any():
-        return float("inf")
-    if e.numel() == 0:
-        return 0.0
-    scale = e.abs().max().clamp_min(1e-12)
-    return ((a - e).abs().max() / scale).item()
 
 
 def _visible(b: int, n: int, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -70,7 +40,7 @@ def _check_grads(
     got = torch.autograd.grad(out, inputs, upstream)
     want = torch.autograd.grad(ref, inputs, upstream)
     for i, (a, e) in enumerate(zip(got, want, strict=True)):
-        err = _rel_err(a, e)
+        err = rel_err(a, e)
         assert err <= tol, f"gradient of input {i} {tuple(e.shape)}: relative error {err:.3g} > {tol}"
 
 
@@ -92,7 +62,7 @@ def test_drop_and_restore_match_reference(shape: tuple[int, int, int, int], dtyp
     x = _leaf((b, f, n, c), dtype, gen)
     out = kernels.drop_tokens(x, visible, pos, time, impl="triton")
     ref = drop_tokens_reference(x, visible, pos, time)
-    assert _rel_err(out, ref) <= tol
+    assert rel_err(out, ref) <= tol
     upstream = torch.randn(ref.shape, generator=gen).to(dtype)
     _check_grads(out, ref, (x, pos, time), upstream, tol)
     # restore_tokens
@@ -100,7 +70,7 @@ def test_drop_and_restore_match_reference(shape: tuple[int, int, int, int], dtyp
     mask_token = _leaf((c,), dtype, gen)
     out = kernels.restore_tokens(y, visible, mask_token, pos, time, impl="triton")
     ref = restore_tokens_reference(y, visible, mask_token, pos, time)
-    assert _rel_err(out, ref) <= tol
+    assert rel_err(out, ref) <= tol
     upstream = torch.randn(ref.shape, generator=gen).to(dtype)
     inputs = (y, mask_token, pos, time)
     _check_grads(out, ref, inputs, upstream, tol)
@@ -116,12 +86,12 @@ def test_wide_channels(c: int) -> None:
     mask_token, pos, time = (_leaf(s, torch.float32, gen) for s in ((c,), (n, c), (f, c)))
     out = kernels.drop_tokens(x, visible, pos, time, impl="triton")
     ref = drop_tokens_reference(x, visible, pos, time)
-    assert _rel_err(out, ref) <= 1e-5
+    assert rel_err(out, ref) <= 1e-5
     g = torch.randn(ref.shape, generator=gen)
     _check_grads(out, ref, (x, pos, time), g, 1e-5)
     out = kernels.restore_tokens(y, visible, mask_token, pos, time, impl="triton")
     ref = restore_tokens_reference(y, visible, mask_token, pos, time)
-    assert _rel_err(out, ref) <= 1e-5
+    assert rel_err(out, ref) <= 1e-5
     g = torch.randn(ref.shape, generator=gen)
     inputs = (y, mask_token, pos, time)
     _check_grads(out, ref, inputs, g, 1e-5)
@@ -137,18 +107,18 @@ def test_edge_cases_all_visible_none_visible_int32_noncontiguous_partial_grads()
     x = torch.randn(b, n, f, c, generator=gen).transpose(1, 2).requires_grad_(True)
     out = kernels.drop_tokens(x, visible, pos, time, impl="triton")
     ref = drop_tokens_reference(x, visible.long(), pos, time)
-    assert _rel_err(out, ref) <= 1e-5
+    assert rel_err(out, ref) <= 1e-5
     # only pos requires a gradient
     g = torch.randn(ref.shape, generator=gen)
     (got,) = torch.autograd.grad(out, (pos,), g)
     (want,) = torch.autograd.grad(ref, (pos,), g)
-    assert _rel_err(got, want) <= 1e-5
+    assert rel_err(got, want) <= 1e-5
     # nothing visible: the grid is mask_token + pos + time everywhere
     none = torch.zeros(b, 0, dtype=torch.int64)
     y = torch.zeros(b, f, 0, c, requires_grad=True)
     out = kernels.restore_tokens(y, none, mask_token, pos, time, impl="triton")
     ref = restore_tokens_reference(y, none, mask_token, pos, time)
-    assert _rel_err(out, ref) <= 1e-5
+    assert rel_err(out, ref) <= 1e-5
     g = torch.randn(ref.shape, generator=gen)
     inputs = (y, mask_token, pos, time)
     _check_grads(out, ref, inputs, g, 1e-5)
@@ -165,7 +135,7 @@ def test_mixed_dtypes_follow_reference_promotion() -> None:
     out = kernels.drop_tokens(x, visible, pos, time, impl="triton")
     ref = drop_tokens_reference(x, visible, pos, time)
     assert out.dtype == ref.dtype == torch.float32
-    assert _rel_err(out, ref) <= 1e-5
+    assert rel_err(out, ref) <= 1e-5
     g = torch.randn(ref.shape, generator=gen)
     _check_grads(out, ref, (x, pos, time), g, 1e-2)
 

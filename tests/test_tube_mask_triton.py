@@ -2,53 +2,17 @@
 
 from __future__ import annotations
 
-import os
+import importlib
 
-_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: CPU tensors run through the interpreter
-
-import importlib  # noqa: E402
-import importlib.util  # noqa: E402
-import sys  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-try:
-    import triton  # noqa: E402, F401
-except Exception as exc:  # pragma: no cover - depends on the environment
-    pytest.skip(f"triton cannot be imported: {exc}", allow_module_level=True)
+import pytest
+import torch
+from kernel_checks import import_interpreted
 
 ref = importlib.import_module(
     "kernels.tube_mask"
 )  # (the attribute kernels.tube_mask is the dispatch function)
-
-
-def _load_interpreted():
-    """A private copy of kernels/tube_mask_triton.py decorated now, while TRITON_INTERPRET=1.
-
-    triton wraps a kernel as interpreted or compiled when it is decorated, and another test module may have
-    imported triton or kernels.tube_mask_triton in compiled mode already; a separate copy leaves the real
-    module (used by kernels.tube_mask on CUDA) untouched.
-    """
-    name = "kernels.tube_mask_triton"
-    real = sys.modules.get(name)
-    if real is not None and type(real._tube_keys_kernel).__name__ == "InterpretedFunction":
-        return real
-    spec = importlib.util.find_spec(name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tmt = _load_interpreted()
+tmt = import_interpreted("kernels.tube_mask_triton")
 DEVICE = "cpu"
-
-# Decoration is done: put the variable back so that other test modules keep their own defaults.
-if _PREVIOUS_INTERPRET is None:
-    del os.environ["TRITON_INTERPRET"]
-else:
-    os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
 
 
 @pytest.fixture(autouse=True)
@@ -137,32 +101,11 @@ def test_invalid_arguments_raise() -> None:
 
 
 def test_dispatch_triton_matches_reference() -> None:
-    kernels = importlib.import_module("kernels")
-    if "triton" not in getattr(kernels, "TUBE_MASK_IMPLS", getattr(kernels, "IMPLS", ())):
-        pytest.skip('kernels.tube_mask has no impl="triton" yet')
-    real = importlib.import_module("kernels.tube_mask_triton")
-    if type(real._tube_keys_kernel).__name__ == "InterpretedFunction":
-        device = "cpu"
-    elif torch.cuda.is_available():
-        device = "cuda"
-    else:
-        pytest.skip("kernels.tube_mask_triton was imported in compiled mode and there is no GPU")
+    """`impl="triton"` reaches the kernel through the one dispatch point (interpreted here; compiled on a
+    GPU in tests/test_kernels_cuda.py)."""
+    import kernels
+
     for grid, ratio in [((14, 14), 0.75), ((7, 9), 0.5), ((4, 5), 0.0)]:
-        got = kernels.tube_mask(3, grid, ratio, seed=9, step=4, device=device, impl="triton")
-        want = ref.tube_mask_reference(3, grid, ratio, seed=9, step=4, device=device)
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_compiled_matches_reference() -> None:
-    real = importlib.import_module("kernels.tube_mask_triton")
-    if type(real._tube_keys_kernel).__name__ == "InterpretedFunction":
-        pytest.skip("kernels.tube_mask_triton was imported under the interpreter in this process")
-    for grid, ratio, seed, step in [
-        ((14, 14), 0.75, 0, 0),
-        ((32, 32), 0.9, 2**32 + 1, 10**9),
-        ((7, 9), 0.5, 5, 3),
-    ]:
-        got = real.tube_mask_triton(8, grid, ratio, seed=seed, step=step, device="cuda")
-        want = ref.tube_mask_reference(8, grid, ratio, seed=seed, step=step, device="cuda")
+        got = kernels.tube_mask(3, grid, ratio, seed=9, step=4, device=DEVICE, impl="triton")
+        want = ref.tube_mask_reference(3, grid, ratio, seed=9, step=4, device=DEVICE)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

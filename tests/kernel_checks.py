@@ -1,0 +1,47 @@
+"""What the Triton kernel tests share: loading a kernel module for the interpreter, and the error they assert.
+
+Triton decides when a kernel is decorated (when its module is imported) whether it runs compiled or through
+the interpreter, reading TRITON_INTERPRET then. A CPU test therefore imports the kernel module with the
+variable set, reloading it if another test module imported it compiled first, and puts the variable back
+so that other test modules keep their own defaults.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import pytest
+import torch
+
+
+def import_interpreted(name: str) -> ModuleType:
+    """The kernel module `name` (it defines INTERPRETED) with its kernels wrapped for the interpreter."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        try:
+            import triton  # noqa: F401
+        except Exception as exc:  # pragma: no cover - depends on the environment
+            pytest.skip(f"triton does not import ({type(exc).__name__}: {exc})", allow_module_level=True)
+        module = importlib.import_module(name)
+        if not module.INTERPRETED:
+            module = importlib.reload(module)
+        return module
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| (in fp32); a NaN or inf in `actual` counts as inf."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    a, e = actual.float(), expected.float()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    if e.numel() == 0:
+        return 0.0
+    return ((a - e).abs().max() / e.abs().max().clamp_min(1e-12)).item()
