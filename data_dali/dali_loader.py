@@ -676,21 +676,8 @@ class DaliLoader:
             for ks, batch in parts:
                 video[torch.tensor([row[k] for k in ks], device=video.device)] = batch
         captions = [slots[k].caption for k in keep]  # type: ignore[union-attr]
-        tokens = self.collate.tokenizer(
-            captions,
-            padding="longest",
-            truncation=True,
-            max_length=self.collate.max_length,
-            return_tensors="pt",
-        )
-        return {
-            "video": video,
-            "input_ids": tokens["input_ids"],
-            "attention_mask": tokens["attention_mask"],
-            "index": torch.tensor([slots[k].index for k in keep], dtype=torch.int64),  # type: ignore[union-attr]
-            "captions": captions,
-            "skipped": skipped,
-        }
+        indices = [slots[k].index for k in keep]  # type: ignore[union-attr]
+        return self.collate.batch(video, captions, indices, skipped)
 
 
 def build_dali_loader(

@@ -418,15 +418,22 @@ class VideoTextCollator:
             raise ValueError(f"cannot batch clips with {sorted({v.shape[0] for v in videos})} frames")
         # Images (one frame) are tiled to the clip length so a batch can mix images and videos.
         videos = [v.expand(num_frames, *v.shape[1:]) if v.shape[0] == 1 else v for v in videos]
-        captions = [item["caption"] for item in good]
+        return self.batch(
+            torch.stack(videos), [item["caption"] for item in good], [item["index"] for item in good], skipped
+        )
+
+    def batch(
+        self, video: torch.Tensor, captions: list[str], indices: list[int], skipped: list[str]
+    ) -> dict[str, Any]:
+        """The batch dict every loader yields: clips, tokenized captions, dataset indices, skipped files."""
         tokens = self.tokenizer(
             captions, padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
         )
         return {
-            "video": torch.stack(videos),
+            "video": video,
             "input_ids": tokens["input_ids"],
             "attention_mask": tokens["attention_mask"],
-            "index": torch.tensor([item["index"] for item in good], dtype=torch.int64),
+            "index": torch.tensor(indices, dtype=torch.int64),
             "captions": captions,
             "skipped": skipped,
         }
