@@ -340,7 +340,7 @@ def _append_lines(path: Path, lines: list[str]) -> None:
 
 
 # Parameters added after format 1 was released, with the value that folders prepared before had.
-_PARAM_DEFAULTS = {"label_column": "label"}
+_PARAM_DEFAULTS = {"label_column": DEFAULT_LABEL_COLUMN}
 
 
 def _check_params(out_dir: Path, params: dict[str, Any]) -> None:
@@ -523,7 +523,7 @@ def prepare_shards(
     max_frames: int = 512,
     video_column: str = "video",
     caption_column: str = "caption",
-    label_column: str = "label",
+    label_column: str = DEFAULT_LABEL_COLUMN,
     progress: bool = True,
     stop_after_shards: int | None = None,
 ) -> PrepareReport:
