@@ -15,9 +15,17 @@ from typing import Any
 import torch
 
 from data_dali.manifest import DEFAULT_LABEL_COLUMN, ManifestEntry, read_manifest
-from data_dali.shards import ShardIndex, is_shard_dir
+from data_dali.shards import INDEX_NAME, ShardIndex, _sha256, is_shard_dir
 
-__all__ = ["DATA_BACKENDS", "DataSource", "build_loader", "open_source", "resolve_data_backend"]
+__all__ = [
+    "DATA_BACKENDS",
+    "DataSource",
+    "build_loader",
+    "data_fingerprint",
+    "first_readable",
+    "open_source",
+    "resolve_data_backend",
+]
 
 DATA_BACKENDS = ("auto", "dali", "reference")
 
@@ -83,3 +91,48 @@ def build_loader(
 
         return build_reference_loader(source, tokenizer, **kwargs)
     raise ValueError(f"unknown data backend {backend!r}; expected 'dali' or 'reference'")
+
+
+def data_fingerprint(path: str | Path) -> dict[str, str]:
+    """What a checkpoint records of the data it was reading: the manifest's (or shard index's) sha256.
+
+    Rows reordered, added or removed change it, so a resume can tell that the batches would differ.
+    """
+    path = Path(path)
+    if is_shard_dir(path):
+        path = path if path.is_file() else path / INDEX_NAME
+    return {"path": str(path.absolute()), "sha256": _sha256(path)}
+
+
+def first_readable(source: DataSource, num_frames: int) -> tuple[int | None, list[str]]:
+    """Index of the first clip that decodes, and the errors of those before it; (None, all) if none does.
+
+    Stops at the first success, so on healthy data it costs one clip.
+    """
+    from data_dali.reference_loader import VideoDecodeError, decode_frames
+
+    errors: list[str] = []
+    if isinstance(source, ShardIndex):
+        from io import BytesIO
+
+        from PIL import Image
+
+        for i, clip in enumerate(source.clips):
+            try:
+                with Image.open(BytesIO(source.read_frames(i, [0])[0])) as im:
+                    im.convert("RGB")
+                return i, errors
+            except Exception as e:  # a damaged shard or JPEG: any PIL / OS error
+                errors.append(f"{clip.source}: {e}")
+        return None, errors
+    seen: set[Path] = set()
+    for i, entry in enumerate(source):
+        if entry.video in seen:
+            continue
+        seen.add(entry.video)
+        try:
+            decode_frames(entry.video, num_frames, train=False)
+            return i, errors
+        except VideoDecodeError as e:
+            errors.append(str(e))
+    return None, errors

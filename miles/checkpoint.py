@@ -1,29 +1,77 @@
-"""Checkpoints written atomically (temporary file, fsync, rename) so a kill never leaves a torn file."""
+"""Checkpoints: written atomically (temporary file, fsync, rename), read without running code from the file.
+
+A kill never leaves a torn file, a full disk never leaves a partial one, and loading uses
+`torch.load(weights_only=True)`: tensors, plain containers and numbers only, so a crafted file cannot
+execute anything. A file that needs more is refused with the way to convert it if it is trusted.
+"""
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import pickle
 import re
+import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from miles.stop import RunFailed
+
+log = logging.getLogger("miles")
+
 PATTERN = re.compile(r"step_(\d+)\.pt$")
+
+# Checkpoints written before 2026-12 hold numpy's RNG state as an array: allow exactly those types.
+_NUMPY_RNG_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+CONVERT_HINT = (
+    "if you trust the file, keep only its tensors once: python -c \"import sys, torch; "
+    "s = torch.load(sys.argv[1], map_location='cpu', weights_only=False); "
+    "torch.save({'state_dict': s.get('state_dict', s)}, sys.argv[2])\" TRUSTED.pth WEIGHTS.pt"
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or weights file that cannot be used (damaged, unsafe, or for another model)."""
+
+
+class CheckpointWriteError(RunFailed):
+    """A checkpoint could not be written (disk full, quota, permissions); earlier ones are intact."""
 
 
 def checkpoint_path(folder: Path, step: int) -> Path:
     return folder / f"step_{step:08d}.pt"
 
 
+def _write_failure(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.errno is not None:
+        return f"{errno.errorcode.get(err.errno, err.errno)}: {err.strerror}"
+    text = str(err)
+    return "file write failed (disk full or a file-size limit)" if "write" in text.lower() else text[:200]
+
+
 def save_atomic(state: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free / 2**20
+        raise CheckpointWriteError(
+            f"cannot write checkpoint {path} ({_write_failure(err)}); {free:.0f} MiB free there. "
+            "The partial file was removed and earlier checkpoints are intact: free some space (or lower "
+            "train.keep_checkpoints, or use another --out) and rerun with --resume"
+        ) from err
     directory = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
     try:
         os.fsync(directory)
@@ -43,6 +91,31 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def load_latest(folder: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that reads; unreadable newer ones are named in a warning and passed over.
+
+    None when the folder holds no checkpoint; CheckpointError when it holds some and none reads.
+    """
+    found = list_checkpoints(folder)
+    failures = []
+    for _, path in reversed(found):
+        try:
+            state = load(path)
+        except CheckpointError as err:
+            log.warning("passing over unreadable checkpoint: %s", err)
+            failures.append(str(err))
+            continue
+        if failures:
+            log.warning("resuming from %s, the newest checkpoint that reads", path)
+        return path, state
+    if failures:
+        raise CheckpointError(
+            f"none of the {len(found)} checkpoints in {folder} can be read (newest: {failures[0]}); "
+            "move the folder aside to start afresh"
+        )
+    return None
+
+
 def prune(folder: Path, keep: int) -> None:
     """Keep the newest `keep` checkpoints; remove temporaries left by killed writes."""
     for _, path in list_checkpoints(folder)[:-keep]:
@@ -52,10 +125,60 @@ def prune(folder: Path, keep: int) -> None:
             stale.unlink(missing_ok=True)
 
 
-def load(path: Path) -> dict[str, Any]:
+def load(path: Path, what: str = "checkpoint") -> dict[str, Any]:
+    """A checkpoint or weights file as plain data; never runs code from the file."""
+    path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"{what} {path} {'is a folder' if path.is_dir() else 'does not exist'}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a foreign or damaged file: say which and why
-        raise RuntimeError(f"cannot read checkpoint {path}: {err}") from err
+        with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" not in str(err).lower():
+            raise CheckpointError(f"cannot read {what} {path}: damaged file ({str(err)[:200]})") from err
+        try:
+            unsafe = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path)) or "unknown"
+        except Exception:  # not a zip checkpoint: the names cannot be listed without unpickling
+            unsafe = "objects of the legacy pickle format"
+        raise CheckpointError(
+            f"refusing {what} {path}: it holds Python objects beyond tensors and plain containers "
+            f"({unsafe}), and unpickling them would run code from the file; {CONVERT_HINT}"
+        ) from err
+    except Exception as err:  # truncated, not a torch file, wrong format: say which file and why
+        raise CheckpointError(f"cannot read {what} {path}: {str(err)[:300]}") from err
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{what} {path} holds a {type(state).__name__}, not a mapping of entries")
+    return dict(state)
+
+
+def load_module_state(
+    module: torch.nn.Module, state: Any, path: Path, entry: str, config_diff: list[str] | None = None
+) -> None:
+    """`module.load_state_dict(state)`, with an error naming what does not fit instead of torch's list."""
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(
+            f"checkpoint {path}: entry '{entry}' is a {type(state).__name__}, not a state dict of tensors"
+        )
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k} {tuple(state[k].shape)} in the file, {tuple(v.shape)} in the model"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if config_diff:
+            parts.append("the checkpoint's config differs: " + "; ".join(config_diff[:6]))
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches: " + "; ".join(shapes[:4]))
+        if missing:
+            parts.append(f"{len(missing)} tensors missing from the file: " + ", ".join(missing[:4]))
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensors: " + ", ".join(unexpected[:4]))
+        raise CheckpointError(
+            f"checkpoint {path}: '{entry}' does not fit this model ({' | '.join(parts)}); use the "
+            "checkpoint's own model settings or start a new --out"
+        )
+    module.load_state_dict(state)

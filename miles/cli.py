@@ -10,6 +10,7 @@ from pathlib import Path
 
 from data_dali.manifest import ManifestError
 from miles.config import ConfigError, available_presets, build_config, check_data_files
+from miles.stop import EXIT_INTERRUPTED, EXIT_REFUSED, RunFailed, StopRequested
 
 
 def _setup_logging() -> None:
@@ -36,7 +37,20 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--preset", default="demo", help=f"one of: {', '.join(available_presets())}")
     pre.add_argument("--config", type=Path, default=None, help="YAML file merged over the preset")
     pre.add_argument("--out", type=Path, default=None, help="run folder (default runs/<preset>)")
-    pre.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    pre.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="auto",
+        help="continue from the newest readable checkpoint in --out, or start afresh there when it has none "
+        "(one command line for the first start and every requeue)",
+    )
+    pre.add_argument(
+        "--allow-data-change",
+        action="store_true",
+        help="with --resume: accept a training manifest changed since the checkpoint (restarts the epoch)",
+    )
     pre.add_argument("overrides", nargs="*", help="key=value, e.g. train.max_steps=200 mvm.mask_ratio=0.6")
 
     ev = sub.add_parser("eval", help="retrieval and zero-shot metrics of a checkpoint")
@@ -84,11 +98,19 @@ def main(argv: list[str] | None = None) -> int:
             for name, path in paths.items():
                 print(f"{name}: {path}")
         elif args.command == "pretrain":
+            if args.resume not in (None, "auto"):  # `--resume key=value`: the value is an override
+                args.overrides.insert(0, args.resume)
+                args.resume = "auto"
             cfg = build_config(args.preset, args.config, args.overrides)
             check_data_files(cfg)
             from miles.pretrain import run_pretraining
 
-            run_pretraining(cfg, args.out or Path("runs") / cfg.preset, resume=args.resume)
+            run_pretraining(
+                cfg,
+                args.out or Path("runs") / cfg.preset,
+                resume=args.resume is not None,
+                allow_data_change=args.allow_data_change,
+            )
         elif args.command == "eval":
             from miles.pretrain import run_eval
 
@@ -123,13 +145,25 @@ def main(argv: list[str] | None = None) -> int:
                 report_only=args.report_only,
                 notes=args.note,
             )
+    except StopRequested as err:  # a signal: state saved, the message says how to go on
+        print(f"miles: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside a stoppable loop (loading, evaluating): nothing to save
+        print("\nmiles: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except RunFailed as err:
+        return _report(err, err.exit_code)
     except (ConfigError, ManifestError, FileNotFoundError, ValueError, RuntimeError) as err:
-        if os.environ.get("MILES_TRACEBACK"):
-            raise
-        print(f"miles: error: {err}", file=sys.stderr)
-        print("(set MILES_TRACEBACK=1 for the full traceback)", file=sys.stderr)
-        return 2
+        return _report(err, EXIT_REFUSED)
     return 0
+
+
+def _report(err: Exception, code: int) -> int:
+    if os.environ.get("MILES_TRACEBACK"):
+        raise err
+    print(f"miles: error: {err}", file=sys.stderr)
+    print("(set MILES_TRACEBACK=1 for the full traceback)", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ typo, and every value is checked once, up front, with a message that names the k
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -103,7 +104,11 @@ class TrainConfig:
     keep_checkpoints: int = 2
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     threads: int = 0  # torch CPU threads; 0 = torch's default
-    crash_at_step: int = 0  # testing aid: SIGKILL this process right after that step (0 = never)
+    nonfinite: str = "stop"  # a NaN/inf loss or gradient norm: stop (error) | skip (drop that update)
+    max_nonfinite_skips: int = 5  # with nonfinite=skip: this many non-finite steps in a row stop the run
+    crash_at_step: int = 0  # testing aid: signal this process right after that step (0 = never)
+    crash_signal: str = "KILL"  # testing aid: KILL | TERM | USR1 | INT, sent by crash_at_step
+    crash_rank: int = 0  # testing aid: the rank that signals itself
 
 
 @dataclass
@@ -185,15 +190,30 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line: where (1-based line and column) and what, plus the usual cause of a tab."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f"line {mark.line + 1} column {mark.column + 1}: " if mark is not None else ""
+    hint = "; indent YAML with spaces, not tabs" if "\\t" in problem or "tab" in problem else ""
+    return f"{where}YAML syntax error: {problem}{hint}"
+
+
 def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise ConfigError(f"config file {path} {what}; give a YAML file")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path}: {_yaml_problem(err)}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return data
@@ -233,11 +253,92 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"config key '{key}': {message}")
 
 
+# The allowed interval of every numeric key, in interval notation; `test_every_numeric_key_has_a_range`
+# keeps this table complete. Relations between keys (divisibility, equal sizes) are checked in `validate`.
+RANGES: dict[str, str] = {
+    "data.demo_train": "[2, inf)",
+    "data.demo_val": "[1, inf)",
+    "data.num_frames": "[1, inf)",
+    "data.size": "[1, inf)",
+    "data.hflip": "[0, 1]",
+    "data.max_text_length": "[3, 512]",  # [CLS], a word piece, [SEP]; 512 = BERT-family position table
+    "data.num_workers": "[0, inf)",
+    "model.img_size": "[1, inf)",
+    "model.patch_size": "[1, inf)",
+    "model.embed_dim": "[1, inf)",
+    "model.depth": "[1, inf)",
+    "model.num_heads": "[1, inf)",
+    "model.mlp_ratio": "(0, inf)",
+    "model.num_frames": "[1, inf)",
+    "model.drop_path": "[0, 1)",
+    "model.projection_dim": "[1, inf)",
+    "mvm.mask_ratio": "[0, 1)",
+    "mvm.block_min_area": "[1, inf)",
+    "mvm.weight": "[0, inf)",
+    "mvm.predictor_dim": "[1, inf)",
+    "mvm.predictor_depth": "[1, inf)",
+    "mvm.predictor_heads": "[1, inf)",
+    "mvm.ema_momentum": "[0, 1]",
+    "mvm.copy_every": "[1, inf)",
+    "train.batch_size": "[2, inf)",  # contrastive negatives
+    "train.grad_accum": "[1, inf)",
+    "train.max_steps": "[1, inf)",
+    "train.lr": "(0, inf)",
+    "train.text_lr": "[0, inf)",
+    "train.weight_decay": "[0, inf)",
+    "train.warmup_steps": "[0, inf)",
+    "train.min_lr_ratio": "[0, 1]",
+    "train.grad_clip": "(0, inf)",  # the max gradient norm
+    "train.temperature": "(0, inf)",
+    "train.seed": "[0, inf)",  # numpy's SeedSequence takes no negative seed
+    "train.log_every": "[1, inf)",
+    "train.checkpoint_every": "[1, inf)",
+    "train.keep_checkpoints": "[1, inf)",
+    "train.max_nonfinite_skips": "[1, inf)",
+    "train.threads": "[0, inf)",  # 0 = torch's default
+    "train.crash_at_step": "[0, inf)",
+    "train.crash_rank": "[0, inf)",
+    "eval.batch_size": "[1, inf)",
+}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.backend": DATA_BACKENDS,
+    "model.time_init": ("zeros", "random"),
+    "model.attention": ("auto", "xformers", "sdpa", "reference"),
+    "mvm.mode": ("bert", "drop"),
+    "mvm.kernels": ("auto", "reference", "triton"),
+    "mvm.contrastive_input": ("full", "masked"),
+    "mvm.loss": ("mse", "smooth_l1"),
+    "mvm.snapshot": ("ema", "copy"),
+    "train.precision": ("auto", "fp32", "bf16"),
+    "train.nonfinite": ("stop", "skip"),
+    "train.crash_signal": ("KILL", "TERM", "USR1", "INT"),
+}
+
+
+def _in_interval(value: float, interval: str) -> bool:
+    lo_text, hi_text = (part.strip() for part in interval[1:-1].split(","))
+    lo, hi = float(lo_text), float(hi_text)
+    above = value >= lo if interval[0] == "[" else value > lo
+    below = value <= hi if interval[-1] == "]" else value < hi
+    return above and below
+
+
+def _value(cfg: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
 def validate(cfg: Config, *, check_files: bool = False) -> None:
-    """Refuse impossible values before any work starts."""
-    d, m, v, t = cfg.data, cfg.model, cfg.mvm, cfg.train
-    _require(d.num_frames >= 1, "data.num_frames", f"must be at least 1, got {d.num_frames}")
-    _require(m.num_frames >= 1, "model.num_frames", f"must be at least 1, got {m.num_frames}")
+    """Refuse impossible values before any work starts (and before anything on disk changes)."""
+    for key, interval in RANGES.items():
+        value = _value(cfg, key)
+        _require(math.isfinite(value), key, f"must be a finite number, got {value}")
+        _require(_in_interval(value, interval), key, f"must be in {interval}, got {value}")
+    for key, allowed in CHOICES.items():
+        value = _value(cfg, key)
+        _require(value in allowed, key, f"must be one of {', '.join(allowed)}; got '{value}'")
+    d, m, v = cfg.data, cfg.model, cfg.mvm
     _require(
         d.num_frames <= m.num_frames,
         "data.num_frames",
@@ -246,7 +347,7 @@ def validate(cfg: Config, *, check_files: bool = False) -> None:
     )
     _require(d.size == m.img_size, "data.size", f"({d.size}) must equal model.img_size ({m.img_size})")
     _require(
-        m.patch_size >= 1 and m.img_size % m.patch_size == 0,
+        m.img_size % m.patch_size == 0,
         "model.patch_size",
         f"{m.patch_size} must divide model.img_size {m.img_size}",
     )
@@ -255,80 +356,52 @@ def validate(cfg: Config, *, check_files: bool = False) -> None:
         "model.num_heads",
         f"{m.num_heads} must divide model.embed_dim {m.embed_dim}",
     )
-    _require(m.depth >= 1, "model.depth", "must be at least 1")
-    _require(m.time_init in ("zeros", "random"), "model.time_init", "must be 'zeros' or 'random'")
-    _require(
-        m.attention in ("auto", "xformers", "sdpa", "reference"),
-        "model.attention",
-        f"must be 'auto', 'xformers', 'sdpa' or 'reference', got '{m.attention}'",
-    )
-    _require(0.0 <= d.hflip <= 1.0, "data.hflip", f"is a probability, got {d.hflip}")
-    _require(
-        d.backend in DATA_BACKENDS,
-        "data.backend",
-        f"must be one of {', '.join(DATA_BACKENDS)}, got '{d.backend}'",
-    )
-    _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
-    _require(0.0 <= v.mask_ratio < 1.0, "mvm.mask_ratio", f"must be in [0, 1), got {v.mask_ratio}")
-    _require(v.mode in ("bert", "drop"), "mvm.mode", f"must be 'bert' or 'drop', got '{v.mode}'")
-    _require(
-        v.kernels in ("auto", "reference", "triton"),
-        "mvm.kernels",
-        f"must be 'auto', 'reference' or 'triton', got '{v.kernels}'",
-    )
-    _require(
-        v.contrastive_input in ("full", "masked"),
-        "mvm.contrastive_input",
-        f"must be 'full' or 'masked', got '{v.contrastive_input}'",
-    )
-    _require(v.loss in ("mse", "smooth_l1"), "mvm.loss", f"must be 'mse' or 'smooth_l1', got '{v.loss}'")
-    _require(v.snapshot in ("ema", "copy"), "mvm.snapshot", f"must be 'ema' or 'copy', got '{v.snapshot}'")
-    _require(0.0 <= v.ema_momentum <= 1.0, "mvm.ema_momentum", f"must be in [0, 1], got {v.ema_momentum}")
-    _require(v.copy_every >= 1, "mvm.copy_every", "must be at least 1")
-    _require(v.weight >= 0, "mvm.weight", "must be >= 0")
     _require(
         v.predictor_dim % v.predictor_heads == 0,
         "mvm.predictor_heads",
         f"{v.predictor_heads} must divide mvm.predictor_dim {v.predictor_dim}",
     )
-    _require(v.predictor_depth >= 1, "mvm.predictor_depth", "must be at least 1")
-    _require(v.block_min_area >= 1, "mvm.block_min_area", "must be at least 1")
-    _require(t.batch_size >= 2, "train.batch_size", "must be at least 2 (contrastive negatives)")
-    _require(t.grad_clip > 0, "train.grad_clip", f"must be > 0 (the max gradient norm), got {t.grad_clip}")
-    _require(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
-    _require(t.threads >= 0, "train.threads", f"must be >= 0 (0 = torch's default), got {t.threads}")
-    _require(t.crash_at_step >= 0, "train.crash_at_step", "must be >= 0")
-    patches = (m.img_size // max(1, m.patch_size)) ** 2
+    patches = (m.img_size // m.patch_size) ** 2
     _require(
         not v.enabled or round(v.mask_ratio * patches) >= 1,
         "mvm.mask_ratio",
         f"{v.mask_ratio} hides no patch of the {patches}-patch grid while mvm.enabled=true; "
         "raise it or set mvm.enabled=false",
     )
-    _require(t.grad_accum >= 1, "train.grad_accum", "must be at least 1")
-    _require(t.max_steps >= 1, "train.max_steps", "must be at least 1")
-    _require(t.lr > 0 and t.text_lr >= 0, "train.lr", "learning rates must be positive")
-    _require(0 <= t.warmup_steps, "train.warmup_steps", "must be >= 0")
-    _require(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]")
-    _require(t.temperature > 0, "train.temperature", "must be > 0")
-    _require(t.checkpoint_every >= 1, "train.checkpoint_every", "must be at least 1")
-    _require(t.log_every >= 1, "train.log_every", "must be at least 1")
-    _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
-    _require(t.precision in ("auto", "fp32", "bf16"), "train.precision", "must be auto, fp32 or bf16")
-    _require(cfg.eval.batch_size >= 1, "eval.batch_size", "must be at least 1")
     _require("{}" in cfg.eval.prompt, "eval.prompt", "must contain '{}' where the class name goes")
     if check_files:
         check_data_files(cfg)
 
 
 def check_data_files(cfg: Config) -> None:
-    """Manifests must exist unless the demo generator will create them."""
+    """Manifests must exist unless the demo generator will create them; a folder must hold shards."""
     d = cfg.data
     for key in ("train_manifest", "val_manifest"):
         path = Path(getattr(d, key))
+        if path.is_dir() and not is_shard_dir(path):
+            raise ConfigError(
+                f"config key 'data.{key}': {path} is a folder without a frame-shard index (index.jsonl); "
+                "give a CSV/TSV/JSONL manifest file, or a folder written by `miles prepare`"
+            )
         if not path.is_file() and not is_shard_dir(path) and not d.generate_demo:
             raise ConfigError(
                 f"config key 'data.{key}': manifest {path} does not exist; give an existing CSV/JSONL "
                 "manifest, a frame-shard folder from `miles prepare`, or set data.generate_demo=true to "
                 "create the demo set there"
             )
+
+
+def config_differences(saved: Any, cfg: Config, sections: tuple[str, ...] = ("model", "mvm")) -> list[str]:
+    """`key was A in the checkpoint, is B now` for each differing key of `sections` (what shapes a model)."""
+    if not isinstance(saved, dict):
+        return []
+    now = cfg.to_dict()
+    out = []
+    for section in sections:
+        before = saved.get(section)
+        if not isinstance(before, dict):
+            continue
+        for key, value in now[section].items():
+            if key in before and before[key] != value:
+                out.append(f"{section}.{key} was {before[key]!r} in the checkpoint, is {value!r} now")
+    return out

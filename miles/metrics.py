@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from miles.stop import NonFiniteError
+
 __all__ = ["retrieval_metrics", "zeroshot_accuracy", "chance_levels", "ranks_to_metrics"]
 
 _RECALL_KS = (1, 5, 10)
@@ -30,6 +32,13 @@ def _as_float_tensor(sim: torch.Tensor | np.ndarray) -> torch.Tensor:
         t = t.to(torch.float64)
     elif t.dtype in (torch.float16, torch.bfloat16):
         t = t.to(torch.float32)
+    bad = int((~torch.isfinite(t)).sum())
+    if bad:
+        # NaN scores all tie, and the optimistic tie rule would rank every one of them first.
+        raise NonFiniteError(
+            f"{bad} of the {t.numel()} similarity scores are NaN or inf: the model's embeddings are not "
+            "finite, so no ranking of them means anything; refusing to report metrics"
+        )
     return t
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import resource
@@ -12,11 +13,12 @@ from typing import Any
 import torch
 
 from data_dali.demo import write_demo_dataset
-from data_dali.loaders import DataSource, open_source, resolve_data_backend
+from data_dali.loaders import DataSource, first_readable, open_source, resolve_data_backend
 from data_dali.manifest import DEFAULT_LABEL_COLUMN
 from data_dali.shards import is_shard_dir
 from miles import checkpoint as ckpt
 from miles.attention import resolve_attention, set_attention_backend
+from miles.checkpoint import CheckpointError
 from miles.config import Config, ConfigError, check_data_files
 from miles.distributed import barrier, broadcast_from_main, init_distributed
 from miles.evaluate import EvalSet, chance_column, evaluate, format_table, read_classes
@@ -92,14 +94,45 @@ def _choose_data_backend(
     return decision
 
 
+def check_val_readable(cfg: Config, source: DataSource) -> None:
+    """Refuse, before training, a validation set in which no video can be read (cost: one clip)."""
+    found, errors = first_readable(source, cfg.data.num_frames)
+    if found is None:
+        raise ConfigError(
+            f"config key 'data.val_manifest': none of the {len(errors)} videos of {cfg.data.val_manifest} "
+            f"can be read (first: {errors[0] if errors else 'no entries'}); fix the paths or give another "
+            "validation set"
+        )
+    if errors:
+        log.warning(
+            "validation set: %d unreadable videos before the first good one (first: %s)",
+            len(errors),
+            errors[0],
+        )
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def run_pretraining(cfg: Config, out_dir: Path, resume: bool = False) -> dict[str, Any]:
-    """The whole job; returns what it writes to `out_dir/metrics.json` (rank 0)."""
+def _find_resume_point(ckpt_dir: Path, main: bool) -> tuple[Path, dict[str, Any]] | None:
+    """Rank 0 picks the newest readable checkpoint (passing over damaged ones); every rank loads it."""
+    found = ckpt.load_latest(ckpt_dir) if main else None
+    chosen = broadcast_from_main(str(found[0]) if found else "")
+    if not chosen:
+        return None
+    return found if main else (Path(chosen), ckpt.load(Path(chosen)))  # type: ignore[return-value]
+
+
+def run_pretraining(
+    cfg: Config, out_dir: Path, resume: bool = False, allow_data_change: bool = False
+) -> dict[str, Any]:
+    """The whole job; returns what it writes to `out_dir/metrics.json` (rank 0).
+
+    `resume`: continue from the newest readable checkpoint in `out_dir` if there is one, else start
+    afresh there (so one command line serves the first start and every requeue)."""
     dist = init_distributed()
     main = dist.rank == 0
     attention = resolve_attention(cfg.model.attention, dist.device)  # refuses xformers without CUDA, now
@@ -115,7 +148,11 @@ def run_pretraining(cfg: Config, out_dir: Path, resume: bool = False) -> dict[st
             f"{len(train_entries)} training rows shared by {dist.world_size} process(es); lower it"
         )
     classes = _classes_for(cfg, val_entries)
+    if main:
+        check_val_readable(cfg, val_entries)
     data_backend, data_why = _choose_data_backend(cfg, train_entries, dist.device, main)
+    seed_everything(cfg.train.seed)
+    model = MilesModel(cfg)  # before anything on disk changes: a model that cannot be built moves nothing
     if main and not resume and out_dir.is_dir() and any(out_dir.iterdir()):
         aside = out_dir.with_name(f"{out_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         out_dir.rename(aside)
@@ -139,19 +176,17 @@ def run_pretraining(cfg: Config, out_dir: Path, resume: bool = False) -> dict[st
             dist.world_size,
             dist.device,
         )
-    seed_everything(cfg.train.seed)
-    model = MilesModel(cfg)
     set_attention_backend(model, attention.backend)
     trainer = Trainer(cfg, train_entries, out_dir, dist, model=model, data_backend=data_backend)
-    latest = ckpt.latest_checkpoint(trainer.ckpt_dir) if resume else None
+    latest = _find_resume_point(trainer.ckpt_dir, main) if resume else None
     if resume and latest is None:
-        log.warning("--resume: no checkpoint in %s, starting from scratch", trainer.ckpt_dir)
+        log.info("--resume: no checkpoint in %s yet, starting from scratch", trainer.ckpt_dir)
         if main:
             truncate_log(trainer.log_path, 0)
     untrained = None
     metrics_path = out_dir / "metrics.json"
     if latest is not None:
-        trainer.resume(latest)
+        trainer.resume(*latest, allow_data_change=allow_data_change)
         if metrics_path.is_file():
             untrained = json.loads(metrics_path.read_text()).get("untrained")
     elif cfg.eval.before_training and main:
@@ -168,8 +203,10 @@ def run_pretraining(cfg: Config, out_dir: Path, resume: bool = False) -> dict[st
             "zeroshot": trained.get("zeroshot"),
             "chance": trained["chance"],
             "untrained": untrained,
-            "skipped_videos": len(summary["skipped_videos"]) + trained["skipped_videos"],
-            "skipped_paths": summary["skipped_videos"] + trained["skipped_paths"],
+            # a file bad in both splits is one bad file: counted once, listed per split too
+            "skipped_videos": len(set(summary["skipped_videos"]) | set(trained["skipped_paths"])),
+            "skipped_paths": sorted(set(summary["skipped_videos"]) | set(trained["skipped_paths"])),
+            "skipped_by_split": {"train": summary["skipped_videos"], "val": sorted(trained["skipped_paths"])},
             "preset": cfg.preset,
             "mvm_mode": cfg.mvm.mode,
             "attention": cfg.model.attention,
@@ -217,23 +254,36 @@ def run_eval(
     overrides: list[str] | None = None,
 ) -> dict[str, Any]:
     """`miles eval`: a trained checkpoint on any manifest."""
-    from miles.config import config_from_dict, parse_override
+    from miles.config import config_differences, config_from_dict, parse_override
 
     state = ckpt.load(checkpoint)
     if "config" not in state or "model" not in state:
-        raise RuntimeError(f"{checkpoint} is not a MILES checkpoint (no 'config'/'model' entries)")
+        raise CheckpointError(
+            f"{checkpoint} is not a MILES checkpoint (no 'config'/'model' entries; it has: "
+            f"{', '.join(map(str, list(state)[:6])) or 'nothing'})"
+        )
     data = state["config"]
+    if not isinstance(data, dict):
+        raise CheckpointError(
+            f"checkpoint {checkpoint}: entry 'config' is a {type(data).__name__}, not a mapping of keys"
+        )
+    saved = copy.deepcopy(data)
     for text in overrides or []:
         keys, value = parse_override(text)
         node = data
         for k in keys[:-1]:
             node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{text}': '{k}' is not a section of the checkpoint's config")
         node[keys[-1]] = value
-    cfg = config_from_dict(data)
+    try:
+        cfg = config_from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"checkpoint {checkpoint}: its config is refused: {err}") from err
     dist = init_distributed()
     model = MilesModel(cfg).to(dist.device)
     set_attention_backend(model, resolve_attention(cfg.model.attention, dist.device).backend)
-    model.load_state_dict(state["model"])
+    ckpt.load_module_state(model, state["model"], checkpoint, "model", config_differences(saved, cfg))
     entries = _read(cfg, str(manifest), labelled=classes_path is not None)
     if classes_path is None and any(label is not None for label in EvalSet.from_source(entries).labels):
         # labels but no --classes: the class list the checkpoint was trained with, if it is still there

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from miles.checkpoint import load as load_checkpoint
 from miles.video_encoder import SpaceTimeTransformer
 
 log = logging.getLogger("miles")
@@ -35,7 +36,7 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_checkpoint(path, what="video weights (model.video_weights)")  # never unpickles code
     for key in CONTAINER_KEYS:
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]

@@ -29,13 +29,15 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import kernels
-from data_dali.loaders import DataSource, build_loader
+from data_dali.loaders import DataSource, build_loader, data_fingerprint
 from data_dali.reference_loader import set_loader_epoch
 from miles import checkpoint as ckpt
-from miles.config import Config
-from miles.distributed import DistInfo, all_reduce_mean, barrier
+from miles.checkpoint import CheckpointError
+from miles.config import Config, config_differences
+from miles.distributed import DistInfo, all_reduce_mean, broadcast_from_main
 from miles.model import MilesModel
 from miles.snapshot import SnapshotEncoder
+from miles.stop import GracefulStop, NonFiniteError, StopRequested
 
 log = logging.getLogger("miles")
 
@@ -134,7 +136,13 @@ class BatchStream:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        # numpy's key array as a tensor: checkpoints then load with weights_only=True and no numpy types
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -142,7 +150,8 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys).astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -221,6 +230,12 @@ class Trainer:
         self.state = RunState()
         self.ckpt_dir = out_dir / "checkpoints"
         self.log_path = out_dir / "log.jsonl"
+        # Rank 0 hashes the data once; every rank records and checks the same fingerprint.
+        self.data_fingerprint = broadcast_from_main(
+            data_fingerprint(cfg.data.train_manifest) if dist.rank == 0 else None
+        )
+        self.nonfinite_in_a_row = 0
+        self.stop = GracefulStop()
 
     # ----------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -235,41 +250,86 @@ class Trainer:
             "skipped_videos": sorted(self.state.skipped),
             "rng": _gather_objects(_rng_state()),  # one entry per rank
             "world_size": self.dist.world_size,
+            "data_fingerprint": self.data_fingerprint,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
         }
 
+    def _check_finite_weights(self) -> None:
+        bad = [name for name, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise NonFiniteError(
+                f"after step {self.state.step} the weights hold NaN/inf ({len(bad)} tensors, first: "
+                f"{bad[0]}); not saving them over a good checkpoint. Last good checkpoint: "
+                f"{ckpt.latest_checkpoint(self.ckpt_dir) or 'none yet'}; lower train.lr "
+                f"(now {self.cfg.train.lr:g})"
+            )
+
     def save(self) -> Path:
+        self._check_finite_weights()
         path = ckpt.checkpoint_path(self.ckpt_dir, self.state.step)
         state = self.state_dict()  # collective: every rank contributes its RNG state
+        failure = ""
         if self.dist.rank == 0:
-            ckpt.save_atomic(state, path)
-            ckpt.prune(self.ckpt_dir, self.cfg.train.keep_checkpoints)
-        barrier()
+            try:
+                ckpt.save_atomic(state, path)
+                ckpt.prune(self.ckpt_dir, self.cfg.train.keep_checkpoints)
+            except ckpt.CheckpointWriteError as err:
+                failure = str(err)
+        failure = broadcast_from_main(failure)  # every rank stops together, none waits in a collective
+        if failure:
+            raise ckpt.CheckpointWriteError(failure)
         return path
 
-    def resume(self, path: Path) -> None:
-        state = ckpt.load(path)
+    def resume(self, path: Path, state: dict[str, Any], allow_data_change: bool = False) -> None:
+        """Continue from `state` (read from `path`); refuses anything that would not continue exactly."""
         if state.get("world_size", 1) != self.dist.world_size:
-            raise RuntimeError(
+            raise CheckpointError(
                 f"checkpoint {path} was written by {state.get('world_size')} processes, this run has "
                 f"{self.dist.world_size}; the data position would not carry over exactly"
             )
         saved = state.get("config", {})
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"checkpoint {path}: entry 'config' is a {type(saved).__name__}, not dict")
+        data_changed = self._data_changed(path, state.get("data_fingerprint"))
+        if data_changed and not allow_data_change:
+            raise CheckpointError(
+                f"{data_changed}; resuming would not continue the interrupted run's batches. Restore "
+                "that file, start a new --out, or pass --allow-data-change to restart the epoch on the "
+                "new data"
+            )
         for section, key in RESUME_KEYS:
+            if allow_data_change and (section, key) == ("data", "train_manifest"):
+                continue
             before, now = saved.get(section, {}).get(key), getattr(getattr(self.cfg, section), key)
             if before != now:
-                raise RuntimeError(
+                raise CheckpointError(
                     f"config key '{section}.{key}' was {before!r} in checkpoint {path} and is {now!r} now; "
                     "resume needs the same data order and batches: set it back or start a new --out"
                 )
-        self.model.load_state_dict(state["model"])
-        if self.snapshot is not None and state["snapshot"] is not None:
-            self.snapshot.load_state_dict(state["snapshot"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.state.step = state["step"]
-        self.state.position = DataPosition(**state["data_position"])
+        diff = config_differences(saved, self.cfg)
+        ckpt.load_module_state(self.model, state.get("model"), path, "model", diff)
+        if self.snapshot is not None and state.get("snapshot") is not None:
+            ckpt.load_module_state(self.snapshot, state["snapshot"], path, "snapshot", diff)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.state.step = int(state["step"])
+            self.state.position = DataPosition(**state["data_position"])
+            _set_rng_state(state["rng"][self.dist.rank])
+        except (KeyError, ValueError, TypeError, IndexError) as err:
+            raise CheckpointError(
+                f"checkpoint {path}: its optimizer / scheduler / data position / RNG entries do not fit "
+                f"this run ({type(err).__name__}: {err}); start a new --out"
+            ) from err
         self.state.skipped = set(state.get("skipped_videos", []))
-        _set_rng_state(state["rng"][self.dist.rank])
+        self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
+        if data_changed:
+            log.warning(
+                "%s: --allow-data-change, so epoch %d restarts from its first batch on the new data",
+                data_changed,
+                self.state.position.epoch,
+            )
+            self.state.position.batches = 0
         if self.dist.rank == 0:
             truncate_log(self.log_path, self.state.step)
         log.info(
@@ -278,6 +338,24 @@ class Trainer:
             self.state.step,
             self.state.position.epoch,
             self.state.position.batches,
+        )
+
+    def _data_changed(self, path: Path, saved: Any) -> str:
+        """'' when the training data is the checkpoint's; otherwise a sentence saying what changed."""
+        if not isinstance(saved, dict):
+            log.warning(
+                "checkpoint %s records no data fingerprint (an older version wrote it): cannot check that "
+                "%s is unchanged",
+                path,
+                self.cfg.data.train_manifest,
+            )
+            return ""
+        if saved.get("sha256") == self.data_fingerprint["sha256"]:
+            return ""
+        return (
+            f"the training data changed since checkpoint {path}: {self.data_fingerprint['path']} has "
+            f"sha256 {self.data_fingerprint['sha256'][:12]}, the checkpoint was reading "
+            f"{saved.get('path')} with sha256 {str(saved.get('sha256'))[:12]}"
         )
 
     # ------------------------------------------------------------------------------------------ step
@@ -304,7 +382,9 @@ class Trainer:
         (out.loss / cfg.train.grad_accum).backward()
         return float(out.loss.detach()), float(out.contrastive), float(out.mvm)
 
-    def train_step(self, stream: BatchStream) -> dict[str, float]:
+    def train_step(self, stream: BatchStream, stop_signal: int = 0) -> dict[str, float]:
+        """One optimizer step. `stop_signal` (this rank's pending signal number, 0 for none) rides on the
+        step's one collective, so every rank learns in the same step that one of them must stop."""
         cfg = self.cfg
         self.ddp.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -321,21 +401,62 @@ class Trainer:
             with context:
                 losses += self._micro_step(batch, self.state.step * cfg.train.grad_accum + micro)
             clips += batch["video"].shape[0]
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
-        self.optimizer.step()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip))
+        losses /= cfg.train.grad_accum
+        # NaN on any rank makes the mean NaN, and the gradient norm is of the all-reduced gradient: every
+        # rank takes the same decision below.
+        *mean_losses, stop = all_reduce_mean([*losses.tolist(), float(stop_signal)])
+        record = dict(zip(("loss", "contrastive", "mvm"), mean_losses, strict=True))
+        finite = math.isfinite(record["loss"]) and math.isfinite(grad_norm)
+        if finite:
+            self.nonfinite_in_a_row = 0
+            self.optimizer.step()
+        else:
+            self._on_nonfinite(record, grad_norm)
+            self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.state.step += 1
-        if self.snapshot is not None:
+        if finite and self.snapshot is not None:
             self.snapshot.update(self.model.video_model, self.state.step)
-        losses /= cfg.train.grad_accum
         return {
-            **dict(zip(("loss", "contrastive", "mvm"), all_reduce_mean(losses.tolist()), strict=True)),
-            "grad_norm": float(grad_norm),
+            **record,
+            "grad_norm": grad_norm,
             "lr": self.optimizer.param_groups[0]["lr"],
             "clips": clips * self.dist.world_size,
+            "skipped_update": 0.0 if finite else 1.0,
+            "stop": stop,
         }
 
+    def _on_nonfinite(self, record: dict[str, float], grad_norm: float) -> None:
+        """Stop with the facts, or (train.nonfinite=skip) drop this update, up to a limit in a row."""
+        t = self.cfg.train
+        step = self.state.step + 1
+        parts = ", ".join(f"{k} {v:.4g}" for k, v in record.items())
+        facts = f"step {step}: non-finite training ({parts}, gradient norm {grad_norm:.4g})"
+        self.nonfinite_in_a_row += 1
+        if t.nonfinite == "skip" and self.nonfinite_in_a_row <= t.max_nonfinite_skips:
+            log.warning(
+                "%s: update skipped (%d in a row, train.max_nonfinite_skips=%d)",
+                facts,
+                self.nonfinite_in_a_row,
+                t.max_nonfinite_skips,
+            )
+            return
+        if t.nonfinite == "skip":
+            facts += f", {self.nonfinite_in_a_row} in a row (limit train.max_nonfinite_skips)"
+        raise NonFiniteError(
+            f"{facts}. Nothing was saved from it; last good checkpoint: "
+            f"{ckpt.latest_checkpoint(self.ckpt_dir) or 'none yet'}. Lower train.lr (now {t.lr:g}) or "
+            "train.text_lr, check the data, or set train.nonfinite=skip to drop such steps"
+        )
+
     def fit(self) -> dict[str, Any]:
+        """Train to max_steps; on SIGTERM / SIGUSR1 / SIGINT save after the current step and raise
+        StopRequested (every rank, at the same step)."""
+        with self.stop:
+            return self._fit()
+
+    def _fit(self) -> dict[str, Any]:
         cfg = self.cfg
         t = cfg.train
         stream = BatchStream(self.loader, self.state.position)
@@ -355,10 +476,11 @@ class Trainer:
         try:
             while self.state.step < t.max_steps:
                 tick = time.perf_counter()
-                last = self.train_step(stream)
+                last = self.train_step(stream, self.stop.signum or 0)
                 elapsed = time.perf_counter() - tick
                 clips_done += int(last["clips"])
                 last["clips_per_s"] = last["clips"] / max(elapsed, 1e-9)
+                agreed_stop = last.pop("stop") > 0
                 if main:
                     bar.update(1)
                     bar.set_postfix(
@@ -370,12 +492,14 @@ class Trainer:
                         record = {"step": self.state.step, "epoch": self.state.position.epoch, **last}
                         log_file.write(json.dumps(record) + "\n")  # type: ignore[union-attr]
                         log_file.flush()  # type: ignore[union-attr]
+                saved = None
                 if self.state.step % t.checkpoint_every == 0 or self.state.step == t.max_steps:
-                    self.save()
-                if t.crash_at_step and self.state.step == t.crash_at_step:
-                    if log_file is not None:
-                        log_file.close()
-                    os.kill(os.getpid(), signal.SIGKILL)
+                    saved = self.save()
+                if t.crash_at_step and self.state.step == t.crash_at_step and self.dist.rank == t.crash_rank:
+                    self._crash(log_file)
+                # Alone, a signal counts at once; with several ranks only once all of them know of it.
+                if agreed_stop or (self.dist.world_size == 1 and self.stop.requested):
+                    self._stop_here(saved)
         finally:
             bar.close()
             if log_file is not None:
@@ -388,6 +512,22 @@ class Trainer:
             "final": last,
             "skipped_videos": sorted(set().union(*_gather_objects(self.state.skipped))),
         }
+
+    def _crash(self, log_file: Any) -> None:
+        """Testing aid (train.crash_at_step): this process signals itself, as a scheduler would."""
+        if self.cfg.train.crash_signal == "KILL" and log_file is not None:
+            log_file.close()
+        os.kill(os.getpid(), getattr(signal, f"SIG{self.cfg.train.crash_signal}"))
+
+    def _stop_here(self, saved: Path | None) -> None:
+        path = saved or self.save()
+        signum = self.stop.signum or signal.SIGTERM  # another rank received it
+        raise StopRequested(
+            signum,
+            f"stopped by {signal.Signals(signum).name} after step {self.state.step} of "
+            f"{self.cfg.train.max_steps}; checkpoint {path} written. The same command with --resume "
+            "continues exactly",
+        )
 
 
 def truncate_log(path: Path, step: int) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+
 import pytest
 
 from miles.cli import main
-from miles.config import ConfigError, available_presets, build_config
+from miles.config import RANGES, Config, ConfigError, available_presets, build_config
 
 
 def test_presets_load_and_validate() -> None:
@@ -90,3 +93,82 @@ def test_cli_refuses_before_any_work(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert "data.train_manifest" in err and str(missing) in err
     assert not out.exists()
+
+
+def test_every_numeric_key_has_a_range() -> None:
+    """A new numeric key cannot skip the range check: the table must name it."""
+    cfg = Config()
+    numeric = []
+    for section in dataclasses.fields(cfg):
+        node = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(node):
+            continue
+        for f in dataclasses.fields(node):
+            if typing.get_type_hints(type(node))[f.name] in (int, float):
+                numeric.append(f"{section.name}.{f.name}")
+    assert sorted(numeric) == sorted(RANGES)
+
+
+@pytest.mark.parametrize(
+    "override,interval",
+    [
+        ("model.mlp_ratio=-1", "(0, inf)"),
+        ("model.embed_dim=0", "[1, inf)"),
+        ("model.drop_path=5", "[0, 1)"),
+        ("mvm.predictor_dim=0", "[1, inf)"),
+        ("data.max_text_length=0", "[3, 512]"),
+        ("model.projection_dim=0", "[1, inf)"),
+        ("train.seed=-1", "[0, inf)"),
+        ("train.max_nonfinite_skips=0", "[1, inf)"),
+    ],
+)
+def test_impossible_numbers_are_refused_with_the_allowed_range(override: str, interval: str) -> None:
+    key, value = override.split("=")
+    with pytest.raises(ConfigError) as err:
+        build_config("smoke", overrides=[override])
+    typed = float(value) if key == "model.mlp_ratio" or key == "model.drop_path" else int(value)
+    assert str(err.value) == f"config key '{key}': must be in {interval}, got {typed}"
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_non_finite_learning_rate_is_refused(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"train\.lr.*finite number"):
+        build_config("smoke", overrides=[f"train.lr={value}"])
+
+
+def test_choices_name_the_key_and_the_options() -> None:
+    with pytest.raises(ConfigError, match=r"train\.nonfinite.*stop, skip"):
+        build_config("smoke", overrides=["train.nonfinite=ignore"])
+
+
+def test_refusal_leaves_an_earlier_run_in_place(tmp_path, capsys) -> None:
+    """A value torch would reject is refused before the earlier run in --out is moved aside."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 1}\n')
+    code = main(["pretrain", "--preset", "smoke", "--out", str(out), "model.mlp_ratio=-1"])
+    assert code == 2 and "model.mlp_ratio" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert (out / "log.jsonl").read_text() == '{"step": 1}\n'
+
+
+@pytest.mark.parametrize(
+    "text,where",
+    [
+        ("train:\n  max_steps: 3\n  lr: [1e-3\n", "line 4 column 1"),
+        ("train:\n\tmax_steps: 3\n", "line 2 column 1"),
+        ("train:\n  max_steps: 3\n mvm: {}\n", "line 3 column 2"),
+    ],
+)
+def test_yaml_syntax_errors_name_file_line_and_column(tmp_path, capsys, text: str, where: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    code = main(["pretrain", "--preset", "smoke", "--out", str(tmp_path / "run"), "--config", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    first = err.splitlines()[0]
+    assert first.startswith(f"miles: error: config file {path}: {where}: YAML syntax error")
+    assert "Traceback" not in err
+    if "\t" in text:
+        assert "not tabs" in first
+    assert not (tmp_path / "run").exists()

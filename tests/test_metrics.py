@@ -191,3 +191,16 @@ def test_chance_level_matches_random_scores():
     want = chance_levels(10, 30, None)["R1"]
     assert np.mean(t2v) == pytest.approx(want, abs=1.5)
     assert np.mean(v2t) == pytest.approx(want, abs=1.5)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_scores_are_refused_not_ranked(bad: float) -> None:
+    """NaN scores all tie; the optimistic rule would have ranked every query first (R@1 = 100)."""
+    from miles.stop import NonFiniteError
+
+    sim = torch.rand(4, 4)
+    sim[2, 1] = bad
+    with pytest.raises(NonFiniteError, match="1 of the 16 similarity scores are NaN or inf"):
+        retrieval_metrics(sim, list(range(4)))
+    with pytest.raises(NonFiniteError, match="refusing to report metrics"):
+        zeroshot_accuracy(torch.full((3, 5), float("nan")), [0, 1, 2])

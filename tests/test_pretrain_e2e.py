@@ -132,8 +132,8 @@ def test_resume_after_kill_reproduces_losses(source: str, request, tmp_path: Pat
     assert [s for s, _, _ in _losses(killed)] == [1, 2, 3, 4, 5]
     _miles("pretrain", "--out", str(killed), "--resume", *common)
     assert _losses(killed) == _losses(full)  # bit-identical on the CPU
-    a = torch.load(full / "checkpoints" / "step_00000008.pt", weights_only=False)
-    b = torch.load(killed / "checkpoints" / "step_00000008.pt", weights_only=False)
+    a = torch.load(full / "checkpoints" / "step_00000008.pt", weights_only=True)
+    b = torch.load(killed / "checkpoints" / "step_00000008.pt", weights_only=True)
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
     for key, value in a["snapshot"].items():
