@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from data_dali.manifest import ManifestError
@@ -87,9 +89,29 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop_between_safe_points(signum: int, frame: object) -> None:
+    """SIGTERM / SIGUSR1 while no step is running (loading, evaluating): stop now, nothing to save."""
+    raise StopRequested(
+        signum,
+        f"stopped by {signal.Signals(signum).name} outside a training step: nothing in progress needed "
+        "saving, checkpoints already written are intact; the same command with --resume continues",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, _stop_between_safe_points) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        return _run(args)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "demo-data":
             from data_dali.demo import write_demo_dataset

@@ -161,7 +161,6 @@ def run_pretraining(
         )
     barrier()
     if main:
-        write_config(cfg, out_dir)
         log.info(
             "preset %s | masking mode %s, ratio %.2f, contrastive on %s clips | attention %s | "
             "training data: %s | %d train / %d val clips | %d process(es) on %s",
@@ -187,6 +186,9 @@ def run_pretraining(
     metrics_path = out_dir / "metrics.json"
     if latest is not None:
         trainer.resume(*latest, allow_data_change=allow_data_change)
+    if main:  # only once a resume is accepted: a refused one leaves the run's config as it was
+        write_config(cfg, out_dir)
+    if latest is not None:
         if metrics_path.is_file():
             untrained = json.loads(metrics_path.read_text()).get("untrained")
     elif cfg.eval.before_training and main:

@@ -88,7 +88,9 @@ def test_load_latest_passes_over_unreadable_newer_checkpoints(tmp_path: Path, ca
     path, state = ckpt.load_latest(tmp_path)
     assert path == ckpt.checkpoint_path(tmp_path, 2) and state["step"] == 2
     warned = caplog.text
-    assert str(ckpt.checkpoint_path(tmp_path, 6)) in warned and str(ckpt.checkpoint_path(tmp_path, 4)) in warned
+    assert (
+        str(ckpt.checkpoint_path(tmp_path, 6)) in warned and str(ckpt.checkpoint_path(tmp_path, 4)) in warned
+    )
     ckpt.checkpoint_path(tmp_path, 2).write_bytes(b"")
     with pytest.raises(CheckpointError, match="none of the 3 checkpoints"):
         ckpt.load_latest(tmp_path)
@@ -133,6 +135,8 @@ def test_a_state_that_does_not_fit_names_keys_shapes_and_config(tmp_path: Path) 
     message = str(err.value)
     assert "model.embed_dim was 5, is 3" in message
     assert "0.weight (5, 4) in the file, (3, 4) in the model" in message
-    assert "1 tensors missing from the file: 1.bias" in message and "unexpected tensors: extra.bias" in message
+    assert (
+        "1 tensors missing from the file: 1.bias" in message and "unexpected tensors: extra.bias" in message
+    )
     with pytest.raises(CheckpointError, match="entry 'model' is a list"):
         ckpt.load_module_state(model, [1, 2], tmp_path / "c.pt", "model")

@@ -12,63 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from runs import data_overrides, logged_losses, run_miles, shard_overrides
 
 from data_dali.demo import write_demo_dataset
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def smoke_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("smoke_data")
-    write_demo_dataset(root, n_train=32, n_val=12, seed=0)
-    return root
-
-
-@pytest.fixture(scope="module")
-def smoke_shards(smoke_data: Path, tmp_path_factory) -> Path:
-    """The smoke clips as frame shards (`miles prepare`), read by the DALI loader."""
-    root = tmp_path_factory.mktemp("smoke_shards")
-    for split in ("train", "val"):
-        _miles(
-            "prepare", str(smoke_data / f"{split}.csv"), str(root / split), "--size", "64", "--workers", "2"
-        )
-    shutil.copy(smoke_data / "classes.txt", root / "classes.txt")
-    return root
-
-
-def _data_overrides(root: Path, train: str = "train.csv", val: str = "val.csv") -> list[str]:
-    return [
-        f"data.root={root}",
-        f"data.train_manifest={root / train}",
-        f"data.val_manifest={root / val}",
-        f"data.classes={root / 'classes.txt'}",
-        "data.generate_demo=false",
-    ]
-
-
-def _shard_overrides(root: Path) -> list[str]:
-    return [*_data_overrides(root, train="train", val="val"), "data.backend=auto"]
-
-
-def _miles(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "miles", *args], capture_output=True, text=True, env=env, timeout=300
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"miles {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def _losses(run: Path) -> list[tuple[int, float, float]]:
-    lines = (run / "log.jsonl").read_text().splitlines()
-    return [(r["step"], r["loss"], r["mvm"]) for r in map(json.loads, lines)]
-
-
 def test_smoke_run_end_to_end(smoke_data: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    proc = _miles("pretrain", "--preset", "smoke", "--out", str(run), *_data_overrides(smoke_data))
+    proc = run_miles("pretrain", "--preset", "smoke", "--out", str(run), *data_overrides(smoke_data))
     assert "t2v R1" in proc.stdout
     metrics = json.loads((run / "metrics.json").read_text())
     for side in ("t2v", "v2t"):
@@ -82,7 +35,7 @@ def test_smoke_run_end_to_end(smoke_data: Path, tmp_path: Path) -> None:
     assert metrics["skipped_videos"] == 0
     assert metrics["attention"] == "auto" and metrics["attention_backend"] == "sdpa"  # auto on a CPU
     assert (proc.stdout + proc.stderr).count("attention sdpa (auto: xformers has no CPU kernels") == 1
-    log = _losses(run)
+    log = logged_losses(run)
     assert [s for s, _, _ in log] == list(range(1, 7))
     assert all(torch.isfinite(torch.tensor([loss, mvm])).all() and mvm > 0 for _, loss, mvm in log)
     ckpts = sorted((run / "checkpoints").glob("step_*.pt"))
@@ -92,7 +45,7 @@ def test_smoke_run_end_to_end(smoke_data: Path, tmp_path: Path) -> None:
 
     # `miles eval` on the final checkpoint reproduces the run's own final numbers.
     out = tmp_path / "eval.json"
-    _miles(
+    run_miles(
         "eval",
         "--checkpoint",
         str(ckpts[-1]),
@@ -109,11 +62,11 @@ def test_smoke_run_end_to_end(smoke_data: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("source", ["manifest", "shards"])
-def test_resume_after_kill_reproduces_losses(source: str, request, tmp_path: Path) -> None:
+def test_resume_after_kill_reproduceslogged_losses(source: str, request, tmp_path: Path) -> None:
     """Reference loader on the H.264 manifest, and DALI on frame shards: the data position resumes."""
-    data = _data_overrides(request.getfixturevalue("smoke_data"))
+    data = data_overrides(request.getfixturevalue("smoke_data"))
     if source == "shards":
-        data = _shard_overrides(request.getfixturevalue("smoke_shards"))
+        data = shard_overrides(request.getfixturevalue("smoke_shards"))
     common = [
         "--preset",
         "smoke",
@@ -124,14 +77,14 @@ def test_resume_after_kill_reproduces_losses(source: str, request, tmp_path: Pat
         "data.num_workers=1",
     ]
     full = tmp_path / "full"
-    _miles("pretrain", "--out", str(full), *common)
+    run_miles("pretrain", "--out", str(full), *common)
     killed = tmp_path / "killed"
-    proc = _miles("pretrain", "--out", str(killed), *common, "train.crash_at_step=5", check=False)
+    proc = run_miles("pretrain", "--out", str(killed), *common, "train.crash_at_step=5", check=False)
     assert proc.returncode == -9  # SIGKILL, after step 5, with the last checkpoint at step 3
     assert not (killed / "metrics.json").exists()
-    assert [s for s, _, _ in _losses(killed)] == [1, 2, 3, 4, 5]
-    _miles("pretrain", "--out", str(killed), "--resume", *common)
-    assert _losses(killed) == _losses(full)  # bit-identical on the CPU
+    assert [s for s, _, _ in logged_losses(killed)] == [1, 2, 3, 4, 5]
+    run_miles("pretrain", "--out", str(killed), "--resume", *common)
+    assert logged_losses(killed) == logged_losses(full)  # bit-identical on the CPU
     a = torch.load(full / "checkpoints" / "step_00000008.pt", weights_only=True)
     b = torch.load(killed / "checkpoints" / "step_00000008.pt", weights_only=True)
     for key, value in a["model"].items():
@@ -145,7 +98,7 @@ def test_resume_after_kill_reproduces_losses(source: str, request, tmp_path: Pat
 
 def test_frame_shards_train_and_evaluate_with_dali(smoke_shards: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    proc = _miles("pretrain", "--preset", "smoke", "--out", str(run), *_shard_overrides(smoke_shards))
+    proc = run_miles("pretrain", "--preset", "smoke", "--out", str(run), *shard_overrides(smoke_shards))
     assert proc.stderr.count("training data: DALI on CPU: frame shards (32 clips)") == 1
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["data_backend"] == metrics["eval_data_backend"] == "dali"
@@ -154,17 +107,17 @@ def test_frame_shards_train_and_evaluate_with_dali(smoke_shards: Path, tmp_path:
     assert metrics["chance"]["top1"] == pytest.approx(100 / 7)  # labels travel through the shards
     ckpt = sorted((run / "checkpoints").glob("step_*.pt"))[-1]
     out = tmp_path / "eval.json"
-    _miles("eval", "--checkpoint", str(ckpt), "--data", str(smoke_shards / "val"), "--out", str(out))
+    run_miles("eval", "--checkpoint", str(ckpt), "--data", str(smoke_shards / "val"), "--out", str(out))
     again = json.loads(out.read_text())
     assert again["t2v"] == metrics["t2v"] and again["zeroshot"] == metrics["zeroshot"]
     # The reference loader cannot read shards: refused before any work, naming the key.
-    refused = _miles(
+    refused = run_miles(
         "pretrain",
         "--preset",
         "smoke",
         "--out",
         str(tmp_path / "refused"),
-        *_shard_overrides(smoke_shards),
+        *shard_overrides(smoke_shards),
         "data.backend=reference",
         check=False,
     )
@@ -188,22 +141,23 @@ def test_bad_videos_are_skipped_counted_and_named(smoke_data: Path, tmp_path: Pa
             for name in names:
                 writer.writerow([name, f"a broken clip {name}", "growing"])
     run = tmp_path / "run"
-    _miles(
+    run_miles(
         "pretrain",
         "--preset",
         "smoke",
         "--out",
         str(run),
-        *_data_overrides(data),
+        *data_overrides(data),
         "train.max_steps=8",
         "train.grad_accum=2",  # also exercises accumulation
         "eval.before_training=false",
     )
     metrics = json.loads((run / "metrics.json").read_text())
     val_bad = {str(data / n) for n in names}
-    assert set(metrics["skipped_paths"]) >= val_bad  # every bad val video is named
-    assert metrics["skipped_videos"] == len(metrics["skipped_paths"]) >= 4
-    assert all(p in val_bad for p in metrics["skipped_paths"])
+    # each bad file is in both splits: counted once, listed once, and listed per split
+    assert metrics["skipped_paths"] == sorted(val_bad) and metrics["skipped_videos"] == 4
+    assert metrics["skipped_by_split"]["val"] == sorted(val_bad)
+    assert set(metrics["skipped_by_split"]["train"]) <= val_bad and metrics["skipped_by_split"]["train"]
     # evaluation left them out rather than scoring black clips
     assert json.loads((run / "metrics.json").read_text())["chance"]["R1"] == pytest.approx(100 / 12)
 
@@ -212,9 +166,9 @@ def test_bad_videos_are_skipped_counted_and_named(smoke_data: Path, tmp_path: Pa
 def test_two_process_torchrun_smoke(source: str, request, tmp_path: Path) -> None:
     """DDP on gloo: both ranks train in step and rank 0 writes the metrics of the 2-process run; with
     frame shards each rank runs its own DALI pipeline on its share of every epoch."""
-    data = _data_overrides(request.getfixturevalue("smoke_data"))
+    data = data_overrides(request.getfixturevalue("smoke_data"))
     if source == "shards":
-        data = _shard_overrides(request.getfixturevalue("smoke_shards"))
+        data = shard_overrides(request.getfixturevalue("smoke_shards"))
     run = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     cmd = [
@@ -239,7 +193,7 @@ def test_two_process_torchrun_smoke(source: str, request, tmp_path: Path) -> Non
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     assert metrics["data_backend"] == ("dali" if source == "shards" else "reference")
-    log = _losses(run)
+    log = logged_losses(run)
     assert [s for s, _, _ in log] == list(range(1, 7))
     assert all(mvm > 0 for _, _, mvm in log)
 
@@ -248,28 +202,28 @@ def test_resume_guards_and_fresh_runs_move_old_ones_aside(smoke_data: Path, tmp_
     common = [
         "--preset",
         "smoke",
-        *_data_overrides(smoke_data),
+        *data_overrides(smoke_data),
         "train.max_steps=3",
         "eval.before_training=false",
     ]
     run = tmp_path / "run"
-    _miles("pretrain", "--out", str(run), *common)
+    run_miles("pretrain", "--out", str(run), *common)
     # a resume that would change the batches is refused, naming the key, and leaves the run intact
-    proc = _miles("pretrain", "--out", str(run), "--resume", *common, "train.batch_size=4", check=False)
+    proc = run_miles("pretrain", "--out", str(run), "--resume", *common, "train.batch_size=4", check=False)
     assert proc.returncode == 2 and "train.batch_size" in proc.stderr
-    assert [s for s, _, _ in _losses(run)] == [1, 2, 3]
+    assert [s for s, _, _ in logged_losses(run)] == [1, 2, 3]
     # a torn last log line (a kill mid-write) does not stop a resume
     with open(run / "log.jsonl", "a") as fh:
         fh.write('{"step": 4, "loss": 1.')
-    _miles("pretrain", "--out", str(run), "--resume", *common, "train.max_steps=4")
-    assert [s for s, _, _ in _losses(run)] == [1, 2, 3, 4]
+    run_miles("pretrain", "--out", str(run), "--resume", *common, "train.max_steps=4")
+    assert [s for s, _, _ in logged_losses(run)] == [1, 2, 3, 4]
     # a fresh run into the same folder moves the earlier one aside instead of mixing logs and checkpoints
-    _miles("pretrain", "--out", str(run), *common)
-    assert [s for s, _, _ in _losses(run)] == [1, 2, 3]
+    run_miles("pretrain", "--out", str(run), *common)
+    assert [s for s, _, _ in logged_losses(run)] == [1, 2, 3]
     old = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
-    assert len(old) == 1 and [s for s, _, _ in _losses(old[0])] == [1, 2, 3, 4]
+    assert len(old) == 1 and [s for s, _, _ in logged_losses(old[0])] == [1, 2, 3, 4]
     # more clips per process than the manifest holds is refused before training
-    proc = _miles("pretrain", "--out", str(tmp_path / "big"), *common, "train.batch_size=64", check=False)
+    proc = run_miles("pretrain", "--out", str(tmp_path / "big"), *common, "train.batch_size=64", check=False)
     assert proc.returncode == 2 and "train.batch_size" in proc.stderr
 
 
@@ -281,13 +235,13 @@ def test_drop_mode_training_learns_on_demo_data(tmp_path: Path) -> None:
     data = tmp_path / "data"
     write_demo_dataset(data, n_train=600, n_val=100, seed=0)
     run = tmp_path / "run"
-    _miles(
+    run_miles(
         "pretrain",
         "--preset",
         "demo",
         "--out",
         str(run),
-        *_data_overrides(data),
+        *data_overrides(data),
         "mvm.mode=drop",
         "mvm.mask_ratio=0.75",
         "mvm.contrastive_input=masked",

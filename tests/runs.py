@@ -1,0 +1,38 @@
+"""Running `miles` as a user does, on the smoke preset: shared by the end-to-end and fault tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def data_overrides(root: Path, train: str = "train.csv", val: str = "val.csv") -> list[str]:
+    return [
+        f"data.root={root}",
+        f"data.train_manifest={root / train}",
+        f"data.val_manifest={root / val}",
+        f"data.classes={root / 'classes.txt'}",
+        "data.generate_demo=false",
+    ]
+
+
+def shard_overrides(root: Path) -> list[str]:
+    return [*data_overrides(root, train="train", val="val"), "data.backend=auto"]
+
+
+def run_miles(*args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **(env or {}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "miles", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"miles {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def logged_losses(run: Path) -> list[tuple[int, float, float]]:
+    lines = (run / "log.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"], r["mvm"]) for r in map(json.loads, lines)]
