@@ -14,21 +14,30 @@ OUT_DIR/
 The index lets a loader read any frame with one ``pread``-like slice instead of scanning a tar, so
 random access (shuffled training, sparse frame sampling) costs no more than sequential reading.
 Output bytes depend only on the inputs and parameters, never on the worker count or on a resume.
+SIGTERM, SIGUSR1 or SIGINT stop a run after the clip at hand: committed shards stay, the partial one is
+dropped, the workers are killed and ``StopRequested`` says how far it got (a rerun resumes). Workers
+ignore Ctrl-C and SIGUSR1 (the parent decides) and die with the parent however it ends, SIGKILL included.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import io
 import json
 import mmap
+import multiprocessing
 import os
+import signal
+import sys
 import tarfile
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +48,7 @@ from tqdm import tqdm
 
 from data_dali.manifest import DEFAULT_LABEL_COLUMN, ManifestEntry, is_image, read_manifest
 from data_dali.reference_loader import _COUNT_TOLERANCE, VideoDecodeError, _check_file, _frame_count
+from miles.stop import STOP_SIGNALS, GracefulStop, StopRequested
 
 __all__ = [
     "FORMAT_VERSION",
@@ -235,32 +245,192 @@ def _decode_clip(job: tuple[int, str, float, int, int, int, int]) -> _Decoded:
         return _Decoded(position=position, error=f"cannot decode {path}: {type(e).__name__}: {e}")
 
 
+# ----------------------------------------------------------------------------------------------------
+# The decoding pool: workers that die with the parent, and a shutdown that does not wait for them
+# ----------------------------------------------------------------------------------------------------
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# How often the parent, waiting for a clip, looks whether a stop was asked for; and how often a worker
+# without prctl looks whether its parent is still there.
+_STOP_POLL_S = 0.2
+_PARENT_POLL_S = 1.0
+# A worker killed by the same signal as the parent (SIGTERM to the process group) can break the pool an
+# instant before the parent's handler has run; this long the parent waits to tell the two apart.
+_BROKEN_GRACE_S = 0.5
+# How long a stop waits for the killed workers to be reaped, then for the pool's manager thread to end.
+_REAP_S = 10.0
+_MANAGER_S = 2.0
+
+
+def _set_parent_death_signal() -> bool:
+    """Have the kernel SIGKILL this process when its parent dies (Linux prctl); False where unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        # prctl is variadic: pass the unsigned long arguments at their full width.
+        args = (ctypes.c_ulong(signal.SIGKILL), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
+        return libc.prctl(ctypes.c_int(_PR_SET_PDEATHSIG), *args) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _parent_gone(parent_pid: int, direct: bool) -> bool:
+    if direct:  # an orphan is re-parented (to init or a subreaper) at once
+        return os.getppid() != parent_pid
+    try:
+        os.kill(parent_pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _watch_parent(parent_pid: int, direct: bool) -> None:
+    while not _parent_gone(parent_pid, direct):
+        time.sleep(_PARENT_POLL_S)
+    os._exit(1)
+
+
+def _worker_init(parent_pid: int, start_method: str) -> None:
+    """Pool initializer: the worker leaves stopping to the parent, and never outlives it.
+
+    Ctrl-C reaches the whole process group and SLURM's SIGUSR1 every process of the step; the parent
+    decides what they mean, so workers ignore both (no KeyboardInterrupt tracebacks from them). SIGTERM
+    keeps its default action: the pool itself terminates broken workers with it. With the fork start
+    method the parent's Python handlers were inherited, hence the explicit SIG_DFL; the parent blocked
+    these signals around the fork, so none is lost or handled by the wrong handler in between.
+
+    Whatever ends the parent (SIGKILL and the OOM killer included), the kernel then SIGKILLs the worker
+    (PR_SET_PDEATHSIG); without it, a worker would sit forever on the inherited queue pipes.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    # fork and spawn make the worker a child of the parent; forkserver a child of the server (which exits
+    # with the parent, so its death signal still reaches the worker, but getppid() is no test there).
+    direct = start_method in ("fork", "spawn")
+    if _set_parent_death_signal() and direct:
+        if _parent_gone(parent_pid, direct):  # died before prctl: no signal will come
+            os._exit(1)
+        return
+    if _parent_gone(parent_pid, direct):
+        os._exit(1)
+    watcher = threading.Thread(target=_watch_parent, args=(parent_pid, direct), daemon=True)
+    watcher.start()
+
+
+@contextlib.contextmanager
+def _signals_blocked() -> Iterator[None]:
+    """Block the stop signals in this thread while it forks workers (they unblock in _worker_init).
+
+    Signals that arrive meanwhile stay pending and reach the parent's handler when the block ends.
+    Threads started inside (the pool's manager) keep them blocked, so they go to the main thread.
+    """
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _kill_pool(pool: ProcessPoolExecutor) -> None:
+    """Cancel the clips not started and SIGKILL the workers, without waiting for in-flight decodes.
+
+    ``shutdown(cancel_futures=True)`` alone would still wait for every clip a worker has taken (a long
+    video can take minutes). Python 3.11 has no public way to end workers (3.14 adds ``kill_workers``),
+    hence the executor's private ``_processes``, read defensively. Only the pool's manager thread
+    cancels futures: one cancelled from here while it marks them broken would raise InvalidStateError
+    in that thread (CPython 3.11).
+    """
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    manager = getattr(pool, "_executor_manager_thread", None)
+    result_queue = getattr(pool, "_result_queue", None)
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        p.kill()
+    for p in procs:
+        p.join(timeout=_REAP_S)
+    if manager is not None:
+        manager.join(timeout=_MANAGER_S)
+        writer = getattr(result_queue, "_writer", None)
+        if manager.is_alive() and writer is not None:
+            # A worker killed while sending a result leaves half a message, and the parent's own copy of
+            # the pipe's write end keeps the pool's reader waiting for the rest: close it, so the reader
+            # sees end of file, marks the pool broken and ends (the interpreter joins it at exit).
+            with contextlib.suppress(OSError):
+                writer.close()
+            manager.join(timeout=_MANAGER_S)
+
+
 def _decoded_in_order(
-    jobs: list[tuple[int, str, float, int, int, int, int]], workers: int
+    jobs: list[tuple[int, str, float, int, int, int, int]],
+    workers: int,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Iterator[_Decoded]:
-    """Results in job order, with a bounded window of work in flight so memory stays flat."""
+    """Results in job order, with a bounded window of work in flight so memory stays flat.
+
+    With a pool, the wait for the next clip ends as soon as ``should_stop()`` is true: the generator
+    then returns early (fewer results than jobs). Leaving early in any way (a stop, an error, ``close``)
+    cancels the rest and kills the workers instead of waiting for the clips they are decoding.
+    """
+    stop_asked = should_stop or (lambda: False)
     if workers <= 1:
         for job in jobs:
             yield _decode_clip(job)
         return
     window = workers * 4
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        pending: deque[Future] = deque()
+    ctx = multiprocessing.get_context()
+    pool = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=ctx,
+        initializer=_worker_init,
+        initargs=(os.getpid(), ctx.get_start_method()),
+    )
+    finished = False
+    pending: deque[Future] = deque()
+    try:
         it = iter(jobs)
-        for job in it:
-            pending.append(pool.submit(_decode_clip, job))
-            if len(pending) >= window:
-                break
-        try:
-            while pending:
-                result = pending.popleft().result()
-                nxt = next(it, None)
-                if nxt is not None:
-                    pending.append(pool.submit(_decode_clip, nxt))
-                yield result
-        finally:  # the consumer stopped early: do not decode what nobody will write
-            for fut in pending:
-                fut.cancel()
+        with _signals_blocked():  # the workers are forked (or spawned) by these first submits
+            for job in it:
+                pending.append(pool.submit(_decode_clip, job))
+                if len(pending) >= window:
+                    break
+        while pending:
+            head = pending[0]
+            while not wait([head], timeout=_STOP_POLL_S).done:
+                if stop_asked():
+                    return
+            try:
+                result = head.result()
+            except BrokenProcessPool:
+                if should_stop is None:
+                    raise
+                deadline = time.monotonic() + _BROKEN_GRACE_S
+                while time.monotonic() < deadline and not stop_asked():
+                    time.sleep(0.05)
+                if stop_asked():
+                    return
+                raise
+            pending.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(pool.submit(_decode_clip, nxt))
+            # After the last result the workers are idle: a consumer that closes us there (it need not
+            # ask for the end) gets the orderly shutdown.
+            finished = not pending
+            yield result
+    finally:
+        if finished:
+            pool.shutdown(wait=True)
+        else:  # the consumer stopped early: do not decode what nobody will write
+            _kill_pool(pool)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -505,10 +675,41 @@ class _ShardWriter:
         _append_lines(self.out_dir / INDEX_NAME, self.index_lines)
         self.index_lines, self.skipped_lines = [], []
 
-    def abort(self) -> None:
+    def abort(self) -> int:
+        """Discard the open shard (its clips were never indexed; a rerun decodes them again).
+
+        Returns how many clips (written or skipped) it held.
+        """
+        dropped = len(self.index_lines) + len(self.skipped_lines)
         if self.tar is not None:
-            self.tar.close()
+            with contextlib.suppress(OSError):  # it is thrown away; do not mask the error that got us here
+                self.tar.close()
             self.tar = None
+        if self.tmp is not None:
+            with contextlib.suppress(OSError):
+                self.tmp.unlink(missing_ok=True)
+            self.tmp = None
+        self.index_lines, self.skipped_lines = [], []
+        return dropped
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _stop_message(signum: int, out_dir: Path, total: int, dropped: int) -> str:
+    """One line for the CLI: what a stopped ``miles prepare`` kept, and how to go on."""
+    index = _read_jsonl_prefix(out_dir / INDEX_NAME)
+    skipped = _read_jsonl_prefix(out_dir / SKIPPED_NAME)
+    done = int(index[-1]["key"]) + 1 if index else 0
+    kept = f"{_count(len(index), 'clip')} in {_count(len({r['shard'] for r in index}), 'complete shard')}"
+    if skipped:
+        kept += f", {len(skipped)} skipped"
+    partial = f"; the unfinished shard ({_count(dropped, 'clip')}) was discarded" if dropped else ""
+    return (
+        f"prepare stopped by {signal.Signals(signum).name}: {done} of {total} clips done in {out_dir} "
+        f"({kept}){partial}; run the same command again to resume from there"
+    )
 
 
 def prepare_shards(
@@ -573,41 +774,54 @@ def prepare_shards(
     }
     if out_dir.exists() and not out_dir.is_dir():
         raise ShardError(f"output {out_dir} exists and is not a folder; choose another output folder")
-    (out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-    _check_params(out_dir, params)
-    index, skipped_recs = _recover(out_dir)
-    done_until = int(index[-1]["key"]) + 1 if index else 0
-    todo = clips[done_until:]
-    writer = _ShardWriter(out_dir, clips_per_shard, len({r["shard"] for r in index}), float(fps))
-    workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
-    # Cores are shared out between the worker processes; more codec threads would only oversubscribe.
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    jobs = [
-        (c.position, str(c.source), float(fps), int(size), int(quality), int(max_frames), threads)
-        for c in todo
-    ]
-    bar = tqdm(
-        total=len(clips), initial=done_until, desc=f"preparing {out_dir}", unit="clip", disable=not progress
-    )
-    resumed = len(index)
-    results = _decoded_in_order(jobs, workers)
-    stopped = False
-    try:
-        for clip, decoded in zip(todo, results, strict=True):
-            if decoded.error is not None:
-                writer.add_skipped(clip, decoded.error)
-            else:
-                writer.add_clip(clip, decoded)
-            bar.update()
-            if stop_after_shards is not None and len(writer.written) >= stop_after_shards:
-                stopped = True
-                break
-        if not stopped:
-            writer.commit()
-    finally:
-        results.close()
-        writer.abort()
-        bar.close()
+    # SIGTERM / SIGUSR1 / SIGINT from here on: finish the clip at hand, keep the committed shards, drop
+    # the partial one, end the workers and raise StopRequested (a rerun of the same command resumes).
+    with GracefulStop() as stop:
+        (out_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        _check_params(out_dir, params)
+        index, skipped_recs = _recover(out_dir)
+        done_until = int(index[-1]["key"]) + 1 if index else 0
+        todo = clips[done_until:]
+        writer = _ShardWriter(out_dir, clips_per_shard, len({r["shard"] for r in index}), float(fps))
+        workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
+        # Cores are shared out between the worker processes; more codec threads would only oversubscribe.
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        jobs = [
+            (c.position, str(c.source), float(fps), int(size), int(quality), int(max_frames), threads)
+            for c in todo
+        ]
+        desc = f"preparing {out_dir}"
+        bar = tqdm(total=len(clips), initial=done_until, desc=desc, unit="clip", disable=not progress)
+        resumed = len(index)
+        results = _decoded_in_order(jobs, workers, lambda: stop.requested)
+        stopped = interrupted = False
+        dropped = 0
+        try:
+            for clip in todo:
+                decoded = None if stop.requested else next(results, None)
+                if decoded is None:
+                    if not stop.requested:
+                        raise RuntimeError(f"decoding {manifest} ended before clip {clip.position}")
+                    interrupted = True
+                    break
+                if decoded.error is not None:
+                    writer.add_skipped(clip, decoded.error)
+                else:
+                    writer.add_clip(clip, decoded)
+                bar.update()
+                if stop_after_shards is not None and len(writer.written) >= stop_after_shards:
+                    stopped = True
+                    break
+            if not (stopped or interrupted):
+                writer.commit()
+        finally:
+            results.close()
+            dropped = writer.abort()
+            bar.close()
+        signum = stop.signum
+    if interrupted:
+        assert signum is not None
+        raise StopRequested(signum, _stop_message(signum, out_dir, len(clips), dropped))
     index = _read_jsonl_prefix(out_dir / INDEX_NAME)
     skipped_recs = _read_jsonl_prefix(out_dir / SKIPPED_NAME)
     shards = sorted((out_dir / SHARD_DIR).glob("shard-*.tar"))
