@@ -55,12 +55,14 @@ from data_dali.manifest import ManifestEntry, is_image
 from data_dali.reference_loader import (
     MAX_SUBSTITUTIONS,
     ShardedEpochSampler,
+    UnreadableDataError,
     VideoDecodeError,
     VideoTextCollator,
     _check_file,
     _frame_count,
     decode_frames,
     sample_rng,
+    unreadable_data_message,
 )
 from data_dali.shards import ShardError, ShardIndex
 
@@ -504,6 +506,7 @@ class DaliLoader:
         # What this loader learnt about clips: bad whatever the draws (substituted up front), and
         # rejected by the reference decoder after a DALI failure (decoded by it directly from then on).
         self._known_bad: set[int] = set()
+        self._bad_reason: dict[int, str] = {}  # why each known-bad clip failed, for UnreadableDataError
         self._reference_only: set[int] = set()
         self.fallbacks = 0  # batches DALI rejected, whose clips were decoded one by one
 
@@ -597,10 +600,12 @@ class DaliLoader:
         """Clip ``i`` or, in training, the next entry that passes (``decode``: by the reference decoder)."""
         clips = self.dataset
         tries = min(MAX_SUBSTITUTIONS, len(clips)) if clips.train else 1
+        first_error = ""
         for k in range(tries):
             j = (i + k) % len(clips)
             if j in self._known_bad:
                 skipped.append(clips.name(j))
+                first_error = first_error or self._bad_reason.get(j, "")
                 continue
             try:
                 if decode or j in self._reference_only:
@@ -610,14 +615,17 @@ class DaliLoader:
             except VideoDecodeError as e:
                 log.debug("skipping bad clip: %s", e)
                 if isinstance(e, _BadClip):
-                    self._known_bad.add(j)
+                    self._mark_bad(j, e)
                 skipped.append(clips.name(j))
+                first_error = first_error or str(e)
         if not clips.train:
             return None
-        raise RuntimeError(
-            f"{tries} consecutive clips from index {i} failed to decode (first: {skipped[-tries]}); "
-            "the data folder or manifest paths are probably wrong"
-        )
+        # Raised in the loader thread; DaliLoader's iterator re-raises it, unchanged, in the caller.
+        raise UnreadableDataError(unreadable_data_message(tries, i, skipped[-tries], first_error))
+
+    def _mark_bad(self, j: int, err: VideoDecodeError) -> None:
+        self._known_bad.add(j)
+        self._bad_reason[j] = str(err)
 
     def load_batch(self, indices: Sequence[int], epoch: int | None = None) -> dict[str, Any]:
         """The collated batch for these sampler indices (bad clips replaced in training, dropped in eval).
@@ -645,8 +653,10 @@ class DaliLoader:
                         slots[k] = self.dataset.decode_reference(bad.index, epoch)  # type: ignore[union-attr]
                     except VideoDecodeError as e:
                         log.debug("skipping bad clip: %s", e)
-                        target = self._known_bad if isinstance(e, _BadClip) else self._reference_only
-                        target.add(bad.index)  # type: ignore[union-attr]
+                        if isinstance(e, _BadClip):
+                            self._mark_bad(bad.index, e)  # type: ignore[union-attr]
+                        else:
+                            self._reference_only.add(bad.index)  # type: ignore[union-attr]
                         skipped.append(bad.name)  # type: ignore[union-attr]
                         nxt = (bad.index + 1) % len(self.dataset)  # type: ignore[union-attr]
                         slots[k] = (

@@ -20,14 +20,16 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from data_dali.manifest import ManifestEntry, is_image
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "ReferenceDataLoader",
     "ShardedEpochSampler",
+    "UnreadableDataError",
     "VideoDecodeError",
     "VideoTextCollator",
     "VideoTextDataset",
@@ -38,6 +40,7 @@ __all__ = [
     "sample_frame_indices",
     "sample_rng",
     "set_loader_epoch",
+    "unreadable_data_message",
 ]
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,24 @@ MAX_SUBSTITUTIONS = 20
 
 class VideoDecodeError(RuntimeError):
     """A clip cannot give the frames asked for; the message names the file so it can be fixed or dropped."""
+
+
+class UnreadableDataError(RuntimeError):
+    """So many clips in a row failed that the data, not a clip, is broken (wrong folder or paths).
+
+    Every loader raises it in the caller's thread and process with the same message, whatever its worker
+    count: a data loader worker returns it as a flagged batch (see :class:`ReferenceDataLoader`) instead
+    of raising, which torch would re-raise wrapped in the worker's traceback.
+    """
+
+
+def unreadable_data_message(tries: int, index: int, first: str, reason: str) -> str:
+    """The one wording of :class:`UnreadableDataError`: ``first`` is the first bad clip, ``reason`` why."""
+    detail = reason if first in reason else f"{first}: {reason}"
+    return (
+        f"{tries} consecutive clips from index {index} failed to decode (first: {detail}); "
+        "the data folder or the manifest's video paths are probably wrong"
+    )
 
 
 def sample_frame_indices(
@@ -371,7 +392,14 @@ class VideoTextDataset(Dataset):
         return augment_clip(frames, size=self.size, train=self.train, rng=rng, hflip=self.hflip)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        """Item ``i`` or, in training, the next entry that decodes.
+
+        When ``MAX_SUBSTITUTIONS`` entries in a row fail, :class:`UnreadableDataError` is raised here in
+        the main process; in a data loader worker the item comes back with the message under ``fatal``,
+        for :class:`ReferenceDataLoader` to raise in the main process.
+        """
         skipped: list[str] = []
+        first_error = ""
         tries = min(MAX_SUBSTITUTIONS, len(self.entries)) if self.substitute_bad else 1
         for k in range(tries):
             j = (i + k) % len(self.entries)
@@ -382,14 +410,26 @@ class VideoTextDataset(Dataset):
                 # Reported once per file by the consumer (trainer / evaluation), which sees `skipped`.
                 log.debug("skipping bad video: %s", e)
                 skipped.append(str(entry.video))
+                first_error = first_error or str(e)
                 continue
             return {"video": video, "caption": entry.caption, "index": j, "skipped": skipped}
+        item = {"video": None, "caption": self.entries[i].caption, "index": i, "skipped": skipped}
         if not self.substitute_bad:
-            return {"video": None, "caption": self.entries[i].caption, "index": i, "skipped": skipped}
-        raise RuntimeError(
-            f"{tries} consecutive manifest entries from index {i} failed to decode "
-            f"(first: {skipped[0]}); the data folder or manifest paths are probably wrong"
-        )
+            return item
+        message = unreadable_data_message(tries, i, skipped[0], first_error)
+        if get_worker_info() is None:
+            raise UnreadableDataError(message)
+        return {**item, "fatal": message}
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """The items of one batch (torch's fetcher calls this); stops at the first fatal item, since the
+        batch will be refused anyway and each further item would try ``MAX_SUBSTITUTIONS`` files."""
+        items = []
+        for i in indices:
+            items.append(self[i])
+            if items[-1].get("fatal"):
+                break
+        return items
 
 
 class VideoTextCollator:
@@ -401,9 +441,11 @@ class VideoTextCollator:
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         skipped = [p for item in items for p in item.get("skipped", [])]
+        fatal = next((item["fatal"] for item in items if item.get("fatal")), None)
         good = [item for item in items if item["video"] is not None]
-        if not good:
-            # Every clip in the batch failed: the caller skips a batch whose video is None.
+        if not good or fatal is not None:
+            # Every clip in the batch failed: the caller skips a batch whose video is None. A fatal one
+            # (the data is unreadable) is raised by ReferenceDataLoader in the main process.
             return {
                 "video": None,
                 "input_ids": None,
@@ -411,6 +453,7 @@ class VideoTextCollator:
                 "index": torch.empty(0, dtype=torch.int64),
                 "captions": [],
                 "skipped": skipped,
+                "fatal": fatal,
             }
         videos = [item["video"] for item in good]
         num_frames = max(v.shape[0] for v in videos)
@@ -423,9 +466,15 @@ class VideoTextCollator:
         )
 
     def batch(
-        self, video: torch.Tensor, captions: list[str], indices: list[int], skipped: list[str]
+        self,
+        video: torch.Tensor,
+        captions: list[str],
+        indices: list[int],
+        skipped: list[str],
+        fatal: str | None = None,
     ) -> dict[str, Any]:
-        """The batch dict every loader yields: clips, tokenized captions, dataset indices, skipped files."""
+        """The batch dict every loader yields: clips, tokenized captions, dataset indices, skipped files,
+        and ``fatal``: None, or the message of an :class:`UnreadableDataError` the loader raises."""
         tokens = self.tokenizer(
             captions, padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
         )
@@ -436,6 +485,7 @@ class VideoTextCollator:
             "index": torch.tensor(indices, dtype=torch.int64),
             "captions": captions,
             "skipped": skipped,
+            "fatal": fatal,
         }
 
 
@@ -515,6 +565,48 @@ class ShardedEpochSampler(Sampler[int]):
         return max(0, self.per_rank - self.start_batch * self.batch_size)
 
 
+class _FatalCheckingIterator:
+    """A DataLoader iterator that raises a batch's ``fatal`` message as :class:`UnreadableDataError`."""
+
+    def __init__(self, it: Iterator[dict[str, Any]]) -> None:
+        self._it = it
+        self._len = len(it)  # type: ignore[arg-type]
+
+    def __iter__(self) -> _FatalCheckingIterator:
+        return self
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __next__(self) -> dict[str, Any]:
+        try:
+            batch = next(self._it)
+        except UnreadableDataError:  # no workers: the dataset raised it here already
+            self._finish()
+            raise
+        fatal = batch.get("fatal") if isinstance(batch, dict) else None
+        if fatal:
+            self._finish()
+            raise UnreadableDataError(fatal)
+        return batch
+
+    def _finish(self) -> None:
+        """End the epoch; workers stop now rather than when the exception (holding this frame) is freed."""
+        it, self._it = self._it, iter(())
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+class ReferenceDataLoader(DataLoader):
+    """The reference loader's DataLoader: a batch flagged ``fatal`` by a worker is raised as
+    :class:`UnreadableDataError` in the main process, with the message a run without workers gives,
+    instead of torch's "Caught RuntimeError in DataLoader worker process" and the worker's traceback."""
+
+    def __iter__(self) -> _FatalCheckingIterator:
+        return _FatalCheckingIterator(super().__iter__())
+
+
 def _worker_init(_: int) -> None:
     # Each worker decodes one clip at a time; torch's intra-op threads would only oversubscribe the CPU.
     torch.set_num_threads(1)
@@ -534,9 +626,10 @@ def build_reference_loader(
     rank: int = 0,
     world_size: int = 1,
     max_length: int = 32,
-) -> DataLoader:
+) -> ReferenceDataLoader:
     """The reference loader: train shuffles, drops the last partial batch and substitutes bad clips;
-    eval keeps order and every sample, and reports bad clips instead of replacing them.
+    eval keeps order and every sample, and reports bad clips instead of replacing them. Training data
+    with ``MAX_SUBSTITUTIONS`` bad clips in a row raises :class:`UnreadableDataError`.
 
     Call :func:`set_loader_epoch` before iterating each epoch.
     """
@@ -558,7 +651,7 @@ def build_reference_loader(
         drop_last=train,
         batch_size=batch_size,
     )
-    return DataLoader(
+    return ReferenceDataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,

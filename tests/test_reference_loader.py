@@ -400,6 +400,112 @@ def test_training_substitutes_bad_videos(demo_dir: Path, tmp_path: Path) -> None
         all_bad[0]
 
 
+def _all_bad_manifest(tmp_path: Path, n: int = 25) -> list[ManifestEntry]:
+    """A training manifest whose every clip is missing or garbage (the data folder is wrong)."""
+    lines = ["video,caption"]
+    for k in range(n):
+        if k % 2:
+            (tmp_path / f"clip{k}.mp4").write_bytes(b"not a video " * 50)
+        lines.append(f"clip{k}.mp4,caption {k}")
+    (tmp_path / "train.csv").write_text("\n".join(lines) + "\n")
+    return read_manifest(tmp_path / "train.csv")
+
+
+def _unreadable_error(loader, through_batch_stream: bool = False) -> str:  # noqa: ANN001
+    if through_batch_stream:
+        from miles.train import BatchStream, DataPosition
+
+        with pytest.raises(ref.UnreadableDataError) as e:
+            BatchStream(loader, DataPosition()).next()
+        return str(e.value)
+    set_loader_epoch(loader, 0)
+    it = iter(loader)
+    with pytest.raises(ref.UnreadableDataError) as e:
+        next(it)
+    assert next(it, None) is None  # the iterator is finished, its workers stopped
+    return str(e.value)
+
+
+def test_unreadable_training_data_same_clear_error_with_and_without_workers(
+    tmp_path: Path, tokenizer
+) -> None:
+    """Every clip bad: the main process raises UnreadableDataError naming the first bad file, with the
+    same message for 0 and 1 workers (no "Caught RuntimeError in DataLoader worker" nor its traceback)."""
+    entries = _all_bad_manifest(tmp_path)
+    kw = {"batch_size": 2, "num_frames": 4, "size": 32, "train": True, "seed": 1}
+    loader0 = build_reference_loader(entries, tokenizer, num_workers=0, **kw)
+    set_loader_epoch(loader0, 0)
+    first = next(iter(loader0.sampler))
+    messages = [_unreadable_error(loader0)]
+    messages.append(_unreadable_error(build_reference_loader(entries, tokenizer, num_workers=1, **kw)))
+    messages.append(_unreadable_error(build_reference_loader(entries, tokenizer, num_workers=1, **kw), True))
+    bad = entries[first].video
+    reason = f"{bad} does not exist" if first % 2 == 0 else f"cannot decode {bad}"
+    assert messages[0].startswith(
+        f"20 consecutive clips from index {first} failed to decode (first: {reason}"
+    )
+    assert messages[0].endswith("the data folder or the manifest's video paths are probably wrong")
+    assert messages[1] == messages[2] == messages[0]
+    assert "DataLoader worker" not in messages[1] and "Traceback" not in messages[1]
+    assert issubclass(ref.UnreadableDataError, RuntimeError)
+    assert ref.unreadable_data_message(20, first, str(bad), reason) == (
+        f"20 consecutive clips from index {first} failed to decode (first: {reason}); "
+        "the data folder or the manifest's video paths are probably wrong"
+    )
+
+
+def test_worker_item_carries_fatal_and_good_batches_have_none(
+    demo_dir: Path, tmp_path: Path, tokenizer
+) -> None:
+    entries = _all_bad_manifest(tmp_path, n=3)
+    ds = VideoTextDataset(entries, num_frames=4, size=32, train=True)
+    with pytest.raises(ref.UnreadableDataError) as e:
+        ds[1]  # main process: raised here
+    # In a worker the dataset does not raise: the batch's items come back, the first fatal one last.
+    as_list = torch.utils.data.DataLoader(ds, batch_size=3, sampler=[1, 2, 0], num_workers=1, collate_fn=list)
+    (items,) = list(as_list)
+    assert len(items) == 1, "a batch stops at its first fatal item"
+    assert items[0]["fatal"] == str(e.value) and items[0]["video"] is None
+    assert items[0]["skipped"] == [str(entries[k].video) for k in (1, 2, 0)]
+    batch = VideoTextCollator(tokenizer)(items)
+    assert batch["fatal"] == str(e.value) and batch["video"] is None
+
+    good = read_manifest(demo_dir / "train.csv")[:4]
+    loader = build_reference_loader(
+        good, tokenizer, batch_size=2, num_frames=4, size=32, train=True, num_workers=1
+    )
+    assert isinstance(loader, torch.utils.data.DataLoader) and len(loader) == 2
+    set_loader_epoch(loader, 0)
+    assert [b["fatal"] for b in loader] == [None, None]
+
+
+def test_dali_loader_unreadable_data_same_error_as_reference(tmp_path: Path, tokenizer) -> None:
+    """The DALI loader raises the same UnreadableDataError in the caller (from its prefetch thread)."""
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    from data_dali.dali_loader import build_dali_loader
+
+    entries = [ManifestEntry(tmp_path / f"gone{k}.webm", f"c{k}") for k in range(20)]  # all tried once
+    kw = {"batch_size": 2, "num_frames": 4, "size": 32, "train": True, "seed": 3, "num_workers": 1}
+    dali = build_dali_loader(entries, tokenizer, device="cpu", **kw)
+    message = _unreadable_error(dali)
+    assert message == _unreadable_error(build_reference_loader(entries, tokenizer, **kw))
+    set_loader_epoch(dali, 0)
+    first = next(iter(dali.sampler))
+    assert message.startswith(
+        f"20 consecutive clips from index {first} failed to decode (first: {entries[first].video} does not "
+        "exist); "
+    )
+    # The clips are now known bad: the next epoch names the same reason without probing them again.
+    assert "Traceback" not in message
+    set_loader_epoch(dali, 1)
+    first = next(iter(dali.sampler))
+    set_loader_epoch(dali, 1)
+    dali.dataset.probe = lambda j: pytest.fail(f"clip {j} was probed again")  # type: ignore[method-assign]
+    with pytest.raises(ref.UnreadableDataError) as e:
+        next(iter(dali))
+    assert f"index {first} failed to decode (first: {entries[first].video} does not exist)" in str(e.value)
+
+
 def test_eval_flags_bad_videos_and_collator_drops_them(demo_dir: Path, tmp_path: Path, tokenizer) -> None:
     good = read_manifest(demo_dir / "val.csv")[:2]
     bad = ManifestEntry(tmp_path / "gone.mp4", "a missing clip")
