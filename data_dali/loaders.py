@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from data_dali.manifest import DEFAULT_LABEL_COLUMN, ManifestEntry, read_manifest
-from data_dali.shards import INDEX_NAME, ShardIndex, _sha256, is_shard_dir
+from data_dali.shards import INDEX_NAME, ShardIndex, file_sha256, is_shard_dir
 
 __all__ = [
     "DATA_BACKENDS",
@@ -101,7 +101,7 @@ def data_fingerprint(path: str | Path) -> dict[str, str]:
     path = Path(path)
     if is_shard_dir(path):
         path = path if path.is_file() else path / INDEX_NAME
-    return {"path": str(path.absolute()), "sha256": _sha256(path)}
+    return {"path": str(path.absolute()), "sha256": file_sha256(path)}
 
 
 def first_readable(source: DataSource, num_frames: int) -> tuple[int | None, list[str]]:

@@ -23,6 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from data_dali.manifest import ManifestEntry, is_image
+from miles.stop import die_with_parent, ignore_stop_signals
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -610,6 +611,10 @@ class ReferenceDataLoader(DataLoader):
 def _worker_init(_: int) -> None:
     # Each worker decodes one clip at a time; torch's intra-op threads would only oversubscribe the CPU.
     torch.set_num_threads(1)
+    # A stop signal is the trainer's to handle after its step; the worker ends with the trainer (torch's
+    # own watchdog covers a clean exit, the death signal a SIGKILL).
+    ignore_stop_signals()
+    die_with_parent()
 
 
 def build_reference_loader(

@@ -22,7 +22,6 @@ ignore Ctrl-C and SIGUSR1 (the parent decides) and die with the parent however i
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import io
 import json
@@ -30,7 +29,6 @@ import mmap
 import multiprocessing
 import os
 import signal
-import sys
 import tarfile
 import threading
 import time
@@ -48,7 +46,7 @@ from tqdm import tqdm
 
 from data_dali.manifest import DEFAULT_LABEL_COLUMN, ManifestEntry, is_image, read_manifest
 from data_dali.reference_loader import _COUNT_TOLERANCE, VideoDecodeError, _check_file, _frame_count
-from miles.stop import STOP_SIGNALS, GracefulStop, StopRequested
+from miles.stop import STOP_SIGNALS, GracefulStop, StopRequested, die_with_parent
 
 __all__ = [
     "FORMAT_VERSION",
@@ -249,7 +247,6 @@ def _decode_clip(job: tuple[int, str, float, int, int, int, int]) -> _Decoded:
 # The decoding pool: workers that die with the parent, and a shutdown that does not wait for them
 # ----------------------------------------------------------------------------------------------------
 
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # How often the parent, waiting for a clip, looks whether a stop was asked for; and how often a worker
 # without prctl looks whether its parent is still there.
 _STOP_POLL_S = 0.2
@@ -260,19 +257,6 @@ _BROKEN_GRACE_S = 0.5
 # How long a stop waits for the killed workers to be reaped, then for the pool's manager thread to end.
 _REAP_S = 10.0
 _MANAGER_S = 2.0
-
-
-def _set_parent_death_signal() -> bool:
-    """Have the kernel SIGKILL this process when its parent dies (Linux prctl); False where unavailable."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        # prctl is variadic: pass the unsigned long arguments at their full width.
-        args = (ctypes.c_ulong(signal.SIGKILL), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
-        return libc.prctl(ctypes.c_int(_PR_SET_PDEATHSIG), *args) == 0
-    except (OSError, AttributeError):
-        return False
 
 
 def _parent_gone(parent_pid: int, direct: bool) -> bool:
@@ -313,7 +297,7 @@ def _worker_init(parent_pid: int, start_method: str) -> None:
     # fork and spawn make the worker a child of the parent; forkserver a child of the server (which exits
     # with the parent, so its death signal still reaches the worker, but getppid() is no test there).
     direct = start_method in ("fork", "spawn")
-    if _set_parent_death_signal() and direct:
+    if die_with_parent() and direct:
         if _parent_gone(parent_pid, direct):  # died before prctl: no signal will come
             os._exit(1)
         return
@@ -474,7 +458,7 @@ class PrepareReport:
         return "\n".join(lines)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -767,7 +751,7 @@ def prepare_shards(
         "max_frames": int(max_frames),
         "clips_per_shard": int(clips_per_shard),
         "manifest": str(manifest.absolute()),
-        "manifest_sha256": _sha256(manifest),
+        "manifest_sha256": file_sha256(manifest),
         "video_column": video_column,
         "caption_column": caption_column,
         "label_column": label_column,

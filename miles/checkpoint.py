@@ -30,7 +30,7 @@ PATTERN = re.compile(r"step_(\d+)\.pt$")
 _NUMPY_RNG_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 CONVERT_HINT = (
-    "if you trust the file, keep only its tensors once: python -c \"import sys, torch; "
+    'if you trust the file, keep only its tensors once: python -c "import sys, torch; '
     "s = torch.load(sys.argv[1], map_location='cpu', weights_only=False); "
     "torch.save({'state_dict': s.get('state_dict', s)}, sys.argv[2])\" TRUSTED.pth WEIGHTS.pt"
 )

@@ -9,6 +9,7 @@ apart from a failure. A second Ctrl-C exits at once.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import sys
@@ -25,7 +26,9 @@ __all__ = [
     "NonFiniteError",
     "RunFailed",
     "StopRequested",
+    "die_with_parent",
     "exit_code_for",
+    "ignore_stop_signals",
 ]
 
 EXIT_OK = 0
@@ -35,6 +38,31 @@ EXIT_PREEMPTED = 75  # SIGTERM / SIGUSR1: state saved, `--resume` (or the same c
 EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C): state saved as for SIGTERM; 128 + SIGINT, as shells report it
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent() -> bool:
+    """Have the kernel SIGKILL this (worker) process when its parent dies, however the parent ends;
+    Linux prctl, False where unavailable. Workers blocked on inherited pipes would otherwise live on."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        # prctl is variadic: pass the unsigned long arguments at their full width.
+        args = (ctypes.c_ulong(signal.SIGKILL), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
+        return libc.prctl(ctypes.c_int(_PR_SET_PDEATHSIG), *args) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def ignore_stop_signals() -> None:
+    """In a data worker: the parent decides what a stop signal means and finishes its step with the
+    worker's help. Schedulers signal every process of a job and Ctrl-C the whole process group; a
+    worker that died of it would fail the parent's step (torch raises at once on a dead worker)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def exit_code_for(signum: int) -> int:

@@ -23,10 +23,12 @@ def shard_overrides(root: Path) -> list[str]:
     return [*data_overrides(root, train="train", val="val"), "data.backend=auto"]
 
 
-def run_miles(*args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_miles(
+    *args: str, check: bool = True, env: dict | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **(env or {}))
     proc = subprocess.run(
-        [sys.executable, "-m", "miles", *args], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-m", "miles", *args], capture_output=True, text=True, env=env, timeout=timeout
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"miles {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")

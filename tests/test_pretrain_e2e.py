@@ -162,13 +162,10 @@ def test_bad_videos_are_skipped_counted_and_named(smoke_data: Path, tmp_path: Pa
     assert json.loads((run / "metrics.json").read_text())["chance"]["R1"] == pytest.approx(100 / 12)
 
 
-@pytest.mark.parametrize("source", ["manifest", "shards"])
-def test_two_process_torchrun_smoke(source: str, request, tmp_path: Path) -> None:
-    """DDP on gloo: both ranks train in step and rank 0 writes the metrics of the 2-process run; with
-    frame shards each rank runs its own DALI pipeline on its share of every epoch."""
-    data = data_overrides(request.getfixturevalue("smoke_data"))
-    if source == "shards":
-        data = shard_overrides(request.getfixturevalue("smoke_shards"))
+def test_two_process_torchrun_smoke_on_shards(smoke_shards: Path, tmp_path: Path) -> None:
+    """DDP on gloo: both ranks train in step and rank 0 writes the metrics of the 2-process run; each
+    rank runs its own DALI pipeline on its share of every epoch. (On a manifest: tests/test_faults.py.)"""
+    data = shard_overrides(smoke_shards)
     run = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     cmd = [
@@ -192,7 +189,7 @@ def test_two_process_torchrun_smoke(source: str, request, tmp_path: Path) -> Non
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["world_size"] == 2
-    assert metrics["data_backend"] == ("dali" if source == "shards" else "reference")
+    assert metrics["data_backend"] == "dali"
     log = logged_losses(run)
     assert [s for s, _, _ in log] == list(range(1, 7))
     assert all(mvm > 0 for _, _, mvm in log)
@@ -247,6 +244,7 @@ def test_drop_mode_training_learns_on_demo_data(tmp_path: Path) -> None:
         "mvm.contrastive_input=masked",
         "train.max_steps=150",
         "eval.before_training=false",
+        timeout=900,  # about 3 minutes alone on 2 cores; more when the machine is shared
     )
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["mvm_mode"] == "drop" and metrics["chance"]["R1"] == pytest.approx(1.0)

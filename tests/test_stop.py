@@ -45,3 +45,23 @@ def test_a_second_ctrl_c_exits_at_once_without_a_traceback() -> None:
     assert proc.returncode == 130
     assert proc.stdout == "first: SIGINT\n"
     assert "second interrupt, exiting now" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_data_loader_workers_leave_stop_signals_to_the_trainer_and_die_with_it() -> None:
+    """The reference loader's worker init: stop signals ignored (the trainer finishes its step with the
+    workers' batches), and the kernel's parent-death signal set to SIGKILL."""
+    script = textwrap.dedent(
+        """
+        import ctypes, signal
+        from data_dali.reference_loader import _worker_init
+        _worker_init(0)
+        stops = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+        print([signal.getsignal(s) is signal.SIG_IGN for s in stops])
+        value = ctypes.c_int(0)
+        ctypes.CDLL(None).prctl(2, ctypes.byref(value), 0, 0, 0)  # PR_GET_PDEATHSIG
+        print(value.value)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[:2] == ["[True, True, True]", str(int(signal.SIGKILL))]
