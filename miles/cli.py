@@ -89,6 +89,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """argparse takes one run of positionals; `key=value` overrides may also follow later options."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = getattr(args, "overrides", None)
+    unknown = [a for a in extra if overrides is None or a.startswith("-") or "=" not in a]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if getattr(args, "resume", None) not in (None, "auto"):  # `--resume key=value`: an override, in place
+        overrides.append(args.resume)
+        args.resume = "auto"
+    if overrides is not None:
+        overrides.extend(extra)
+    return args
+
+
 def _stop_between_safe_points(signum: int, frame: object) -> None:
     """SIGTERM / SIGUSR1 while no step is running (loading, evaluating): stop now, nothing to save."""
     raise StopRequested(
@@ -99,7 +115,7 @@ def _stop_between_safe_points(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     _setup_logging()
     previous = {}
     if threading.current_thread() is threading.main_thread():
@@ -120,9 +136,6 @@ def _run(args: argparse.Namespace) -> int:
             for name, path in paths.items():
                 print(f"{name}: {path}")
         elif args.command == "pretrain":
-            if args.resume not in (None, "auto"):  # `--resume key=value`: the value is an override
-                args.overrides.insert(0, args.resume)
-                args.resume = "auto"
             cfg = build_config(args.preset, args.config, args.overrides)
             check_data_files(cfg)
             from miles.pretrain import run_pretraining

@@ -337,7 +337,8 @@ def validate(cfg: Config, *, check_files: bool = False) -> None:
         _require(_in_interval(value, interval), key, f"must be in {interval}, got {value}")
     for key, allowed in CHOICES.items():
         value = _value(cfg, key)
-        _require(value in allowed, key, f"must be one of {', '.join(allowed)}; got '{value}'")
+        options = ", ".join(f"'{a}'" for a in allowed[:-1]) + f" or '{allowed[-1]}'"
+        _require(value in allowed, key, f"must be {options}, got '{value}'")
     d, m, v = cfg.data, cfg.model, cfg.mvm
     _require(
         d.num_frames <= m.num_frames,

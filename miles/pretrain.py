@@ -94,21 +94,28 @@ def _choose_data_backend(
     return decision
 
 
-def check_val_readable(cfg: Config, source: DataSource) -> None:
-    """Refuse, before training, a validation set in which no video can be read (cost: one clip)."""
-    found, errors = first_readable(source, cfg.data.num_frames)
-    if found is None:
-        raise ConfigError(
-            f"config key 'data.val_manifest': none of the {len(errors)} videos of {cfg.data.val_manifest} "
-            f"can be read (first: {errors[0] if errors else 'no entries'}); fix the paths or give another "
-            "validation set"
-        )
-    if errors:
-        log.warning(
-            "validation set: %d unreadable videos before the first good one (first: %s)",
-            len(errors),
-            errors[0],
-        )
+def check_val_readable(cfg: Config, source: DataSource, main: bool) -> None:
+    """Refuse, before training, a validation set in which no video can be read (cost: one clip).
+
+    Rank 0 looks and every rank takes its answer, so all of them stop together."""
+    problem = ""
+    if main:
+        found, errors = first_readable(source, cfg.data.num_frames)
+        if found is None:
+            problem = (
+                f"config key 'data.val_manifest': none of the {len(errors)} videos of "
+                f"{cfg.data.val_manifest} can be read (first: {errors[0] if errors else 'no entries'}); "
+                "fix the paths or give another validation set"
+            )
+        elif errors:
+            log.warning(
+                "validation set: %d unreadable videos before the first good one (first: %s)",
+                len(errors),
+                errors[0],
+            )
+    problem = broadcast_from_main(problem)
+    if problem:
+        raise ConfigError(problem)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -148,8 +155,7 @@ def run_pretraining(
             f"{len(train_entries)} training rows shared by {dist.world_size} process(es); lower it"
         )
     classes = _classes_for(cfg, val_entries)
-    if main:
-        check_val_readable(cfg, val_entries)
+    check_val_readable(cfg, val_entries, main)
     data_backend, data_why = _choose_data_backend(cfg, train_entries, dist.device, main)
     seed_everything(cfg.train.seed)
     model = MilesModel(cfg)  # before anything on disk changes: a model that cannot be built moves nothing

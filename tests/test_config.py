@@ -137,7 +137,7 @@ def test_non_finite_learning_rate_is_refused(value: str) -> None:
 
 
 def test_choices_name_the_key_and_the_options() -> None:
-    with pytest.raises(ConfigError, match=r"train\.nonfinite.*stop, skip"):
+    with pytest.raises(ConfigError, match=r"train\.nonfinite': must be 'stop' or 'skip', got 'ignore'"):
         build_config("smoke", overrides=["train.nonfinite=ignore"])
 
 
@@ -172,3 +172,17 @@ def test_yaml_syntax_errors_name_file_line_and_column(tmp_path, capsys, text: st
     if "\t" in text:
         assert "not tabs" in first
     assert not (tmp_path / "run").exists()
+
+
+def test_a_manifest_key_naming_a_plain_folder_is_refused(tmp_path) -> None:
+    from miles.config import check_data_files
+
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    cfg = build_config("smoke", overrides=[f"data.train_manifest={folder}", "data.generate_demo=true"])
+    with pytest.raises(ConfigError) as err:
+        check_data_files(cfg)
+    assert str(err.value) == (
+        f"config key 'data.train_manifest': {folder} is a folder without a frame-shard index (index.jsonl); "
+        "give a CSV/TSV/JSONL manifest file, or a folder written by `miles prepare`"
+    )
