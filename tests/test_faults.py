@@ -58,6 +58,8 @@ def test_a_signal_saves_after_the_step_and_resume_is_exact(
     assert f"stopped by SIG{sig} after step 5 of 8; checkpoint {saved} written" in proc.stderr
     assert [s for s, _, _ in logged_losses(run)] == [1, 2, 3, 4, 5]  # step 5 finished, 6 never began
     assert not (run / "metrics.json").exists()  # no result from a stopped run
+    if sig == "INT":
+        return  # what follows the stop is the same code for every signal: resumed once, for SIGTERM
     run_miles(*args, "--resume")
     assert logged_losses(run) == logged_losses(uninterrupted)  # bit-identical on the CPU
     _same_final_weights(run, uninterrupted)
