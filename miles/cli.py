@@ -1,4 +1,4 @@
-"""The `miles` command: demo-data, pretrain, eval, prepare, bench."""
+"""The `miles` command: demo-data, pretrain, eval, convert, prepare, bench."""
 
 from __future__ import annotations
 
@@ -23,6 +23,12 @@ def _setup_logging() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+_TEXT_MODEL_HELP = (
+    "text tower architecture and tokenizer: a local Hugging Face folder (a released checkpoint holds no "
+    "config; default distilbert-base-uncased, its weights come from the checkpoint)"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,7 +66,16 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", type=Path, required=True, help="manifest (CSV/JSONL) of videos and captions")
     ev.add_argument("--classes", type=Path, default=None, help="class names, one per line (zero-shot)")
     ev.add_argument("--out", type=Path, default=None, help="write the metrics as JSON here")
+    ev.add_argument("--text-model", default=None, help=_TEXT_MODEL_HELP)
     ev.add_argument("overrides", nargs="*", help="key=value overrides of the checkpoint's config")
+
+    conv = sub.add_parser("convert", help="a checkpoint (ours or released) to safetensors + config JSON")
+    conv.add_argument(
+        "checkpoint", type=Path, help="ours, released MILES / Frozen-in-Time / MCQ, safetensors"
+    )
+    conv.add_argument("out", type=Path, help="OUT.safetensors (OUT.json is written beside it)")
+    conv.add_argument("--text-model", default=None, help=_TEXT_MODEL_HELP)
+    conv.add_argument("overrides", nargs="*", help="key=value overrides of the model's config")
 
     prep = sub.add_parser("prepare", help="decode a manifest once into JPEG frame shards (resumable)")
     prep.add_argument("manifest", type=Path, help="CSV/TSV/JSONL manifest of videos (or images) and captions")
@@ -149,7 +164,12 @@ def _run(args: argparse.Namespace) -> int:
         elif args.command == "eval":
             from miles.pretrain import run_eval
 
-            run_eval(args.checkpoint, args.data, args.out, args.classes, args.overrides)
+            run_eval(args.checkpoint, args.data, args.out, args.classes, args.overrides, args.text_model)
+        elif args.command == "convert":
+            from miles.pretrain import run_convert
+
+            path = run_convert(args.checkpoint, args.out, args.text_model, args.overrides)
+            print(f"wrote {path} and {path.with_suffix('.json')}")
         elif args.command == "prepare":
             from data_dali.shards import prepare_shards
 

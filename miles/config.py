@@ -63,6 +63,12 @@ class ModelConfig:
     )
     projection_dim: int = 256
     video_weights: str = ""  # optional checkpoint for the video encoder (timm ViT or MILES/Frozen keys)
+    init_checkpoint: str = (
+        ""  # the whole model from a checkpoint: ours, released MILES/Frozen/MCQ, safetensors
+    )
+    allow_partial_init: bool = (
+        False  # init_checkpoint may lack towers (they stay random, and the log says so)
+    )
 
 
 @dataclass

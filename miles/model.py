@@ -1,7 +1,8 @@
 """The MILES dual encoder and its pre-training objective.
 
 Module names follow the released model (`video_model`, `text_model`, `vid_proj`, `txt_proj`) so that
-released checkpoints map onto ours key for key.
+released checkpoints map onto ours by prefix stripping and one rename (MILES' `text_proj`): see
+miles/released.py.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from miles.config import Config
 from miles.losses import NormSoftmaxLoss
 from miles.predictor import MaskedFeaturePredictor
 from miles.pretrained import load_video_weights
+from miles.released import load_whole, read_checkpoint_file
 from miles.text_encoder import build_text_encoder, text_cls
 from miles.video_encoder import SpaceTimeTransformer
 
@@ -68,6 +70,8 @@ class MilesModel(nn.Module):
             )  # never used: DDP needs every trained param used
         self.contrastive = NormSoftmaxLoss(cfg.train.temperature)
         self.mvm_cfg = v
+        if m.init_checkpoint:  # after every part exists, so the load is checked against all of them
+            load_whole(self, read_checkpoint_file(m.init_checkpoint), allow_partial=m.allow_partial_init)
 
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
         """Projected clip embedding (not normalised), [B, projection_dim]."""

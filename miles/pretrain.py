@@ -18,11 +18,17 @@ from data_dali.manifest import DEFAULT_LABEL_COLUMN
 from data_dali.shards import is_shard_dir
 from miles import checkpoint as ckpt
 from miles.attention import resolve_attention, set_attention_backend
-from miles.checkpoint import CheckpointError
 from miles.config import Config, ConfigError, check_data_files
 from miles.distributed import barrier, broadcast_from_main, init_distributed
 from miles.evaluate import EvalSet, chance_column, evaluate, format_table, read_classes
 from miles.model import MilesModel
+from miles.released import (
+    CheckpointFile,
+    infer_model_overrides,
+    load_whole,
+    read_checkpoint_file,
+    save_safetensors,
+)
 from miles.train import Trainer, seed_everything, truncate_log, write_config
 
 log = logging.getLogger("miles")
@@ -254,29 +260,19 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def run_eval(
-    checkpoint: Path,
-    manifest: Path,
-    out: Path | None,
-    classes_path: Path | None,
-    overrides: list[str] | None = None,
-) -> dict[str, Any]:
-    """`miles eval`: a trained checkpoint on any manifest."""
-    from miles.config import config_differences, config_from_dict, parse_override
+def _checkpoint_config(file: CheckpointFile, text_model: str | None, overrides: list[str]) -> Config:
+    """Ours: the checkpoint's own config (then `overrides`). Released: the `base` preset with the video
+    encoder's shape read off the tensors, then `--text-model` and `overrides`."""
+    from miles.config import build_config, config_from_dict, parse_override
 
-    state = ckpt.load(checkpoint)
-    if "config" not in state or "model" not in state:
-        raise CheckpointError(
-            f"{checkpoint} is not a MILES checkpoint (no 'config'/'model' entries; it has: "
-            f"{', '.join(map(str, list(state)[:6])) or 'nothing'})"
-        )
-    data = state["config"]
-    if not isinstance(data, dict):
-        raise CheckpointError(
-            f"checkpoint {checkpoint}: entry 'config' is a {type(data).__name__}, not a mapping of keys"
-        )
-    saved = copy.deepcopy(data)
-    for text in overrides or []:
+    if file.config is None:
+        inferred = infer_model_overrides(file.state)
+        chosen = [f"model.text_model={text_model}"] if text_model else []
+        return build_config("base", overrides=[*inferred, *chosen, *overrides])
+    data = copy.deepcopy(file.config)
+    if text_model:
+        overrides = [f"model.text_model={text_model}", *overrides]
+    for text in overrides:
         keys, value = parse_override(text)
         node = data
         for k in keys[:-1]:
@@ -285,13 +281,50 @@ def run_eval(
                 raise ConfigError(f"override '{text}': '{k}' is not a section of the checkpoint's config")
         node[keys[-1]] = value
     try:
-        cfg = config_from_dict(data)
+        return config_from_dict(data)
     except ConfigError as err:
-        raise ConfigError(f"checkpoint {checkpoint}: its config is refused: {err}") from err
+        raise ConfigError(f"checkpoint {file.path}: its config is refused: {err}") from err
+
+
+def model_from_checkpoint(
+    checkpoint: Path, text_model: str | None, overrides: list[str] | None, device: torch.device
+) -> tuple[MilesModel, Config, CheckpointFile]:
+    """The whole model of any supported checkpoint file, every tensor accounted for (miles.released)."""
+    from miles.config import config_differences
+
+    file = read_checkpoint_file(checkpoint)
+    cfg = _checkpoint_config(file, text_model, overrides or [])
+    model = MilesModel(cfg).to(device)
+    set_attention_backend(model, resolve_attention(cfg.model.attention, device).backend)
+    if file.config is not None:
+        diff = config_differences(file.config, cfg)
+        ckpt.load_module_state(model, file.state, checkpoint, "model", diff)
+    else:
+        load_whole(model, file, allow_partial=cfg.model.allow_partial_init)
+    return model, cfg, file
+
+
+def run_convert(
+    checkpoint: Path, out: Path, text_model: str | None = None, overrides: list[str] | None = None
+) -> Path:
+    """`miles convert`: any supported checkpoint to safetensors in our key layout plus its config JSON."""
+    model, cfg, file = model_from_checkpoint(checkpoint, text_model, overrides, torch.device("cpu"))
+    path = save_safetensors(model, cfg.to_dict(), out, str(checkpoint), file.layout)
+    log.info("wrote %s and %s (%s, %s)", path, path.with_suffix(".json"), file.layout, checkpoint)
+    return path
+
+
+def run_eval(
+    checkpoint: Path,
+    manifest: Path,
+    out: Path | None,
+    classes_path: Path | None,
+    overrides: list[str] | None = None,
+    text_model: str | None = None,
+) -> dict[str, Any]:
+    """`miles eval`: a checkpoint (ours, released, safetensors) on any manifest."""
     dist = init_distributed()
-    model = MilesModel(cfg).to(dist.device)
-    set_attention_backend(model, resolve_attention(cfg.model.attention, dist.device).backend)
-    ckpt.load_module_state(model, state["model"], checkpoint, "model", config_differences(saved, cfg))
+    model, cfg, file = model_from_checkpoint(checkpoint, text_model, overrides, dist.device)
     entries = _read(cfg, str(manifest), labelled=classes_path is not None)
     if classes_path is None and any(label is not None for label in EvalSet.from_source(entries).labels):
         # labels but no --classes: the class list the checkpoint was trained with, if it is still there
@@ -299,6 +332,7 @@ def run_eval(
         classes_path = trained_with if trained_with and trained_with.is_file() else None
     classes = read_classes(classes_path) if classes_path else None
     result = evaluate(model, entries, cfg, dist.device, classes)
+    result["checkpoint_layout"] = file.layout
     chance = result["chance"]
     print(
         format_table(

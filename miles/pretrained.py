@@ -82,6 +82,15 @@ def load_video_weights(model: SpaceTimeTransformer, path: str | Path) -> LoadRep
         if "temporal_embed" in report.missing:
             model.temporal_embed.zero_()
         model.load_state_dict(selected, strict=False)
+    heads = {k.removeprefix("module.").split(".")[0] for k in report.ignored}
+    other_towers = sorted(heads & {"text_model", "txt_proj", "text_proj", "vid_proj"})
+    if other_towers:
+        log.warning(
+            "model.video_weights loads only the video tower of %s: its %s are NOT loaded, so this is not "
+            "the checkpoint's model; model.init_checkpoint loads it whole",
+            path,
+            ", ".join(other_towers),
+        )
     log.info(
         "video weights %s: %d tensors loaded, %d kept as initialised (%s), %d ignored",
         path,

@@ -170,7 +170,10 @@ def test_eval_names_checkpoint_entries_of_the_wrong_type(
     cases = {
         "config": ({**state, "config": "smoke"}, "entry 'config' is a str, not a mapping"),
         "model": ({**state, "model": [1, 2]}, "entry 'model' is a list, not a state dict of tensors"),
-        "missing": ({"step": 1}, "is not a MILES checkpoint (no 'config'/'model' entries; it has: step)"),
+        "missing": (
+            {"step": 1},
+            "is neither a MILES checkpoint ('config' and 'model' entries) nor a released",
+        ),
     }
     for name, (bad, message) in cases.items():
         path = tmp_path / f"{name}.pt"
