@@ -122,6 +122,7 @@ class EvalConfig:
     batch_size: int = 32
     prompt: str = "a video of {}"  # zero-shot prompt template
     before_training: bool = True  # also evaluate the untrained model (the demo's side-by-side table)
+    protocol: str = "ours"  # ours | released (the released MILES test script: see miles/evaluate.py)
 
 
 @dataclass
@@ -319,6 +320,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("auto", "fp32", "bf16"),
     "train.nonfinite": ("stop", "skip"),
     "train.crash_signal": ("KILL", "TERM", "USR1", "INT"),
+    "eval.protocol": ("ours", "released"),
 }
 
 

@@ -121,6 +121,32 @@ def embed_videos(
     return torch.cat(embeddings), kept, skipped
 
 
+TEST_FRAMES = "the middle frame of each of F equal segments"  # both protocols: Frozen's "uniform"
+
+
+def protocol_settings(cfg: Config, model: MilesModel) -> dict[str, Any]:
+    """What the evaluation does, recorded in metrics.json. `released` is the released MILES test script:
+    captions cut only at the text model's position table (no 32-token cap), text-to-video ties broken
+    optimistically, video-to-text ties averaged; `ours` caps captions at data.max_text_length (as in
+    training) and breaks every tie optimistically. Test frames are sampled alike in both."""
+    if cfg.eval.protocol == "released":
+        longest = int(getattr(model.text_model.config, "max_position_embeddings", 512))
+        return {
+            "name": "released",
+            "max_text_length": longest,
+            "t2v_ties": "optimistic",
+            "v2t_ties": "average",
+            "test_frames": TEST_FRAMES,
+        }
+    return {
+        "name": "ours",
+        "max_text_length": cfg.data.max_text_length,
+        "t2v_ties": "optimistic",
+        "v2t_ties": "optimistic",
+        "test_frames": TEST_FRAMES,
+    }
+
+
 def evaluate(
     model: MilesModel,
     source: DataSource,
@@ -141,11 +167,15 @@ def evaluate(
     video_emb, kept, skipped = embed_videos(model, data.videos, cfg, device, progress, backend)
     position = {v: i for i, v in enumerate(kept)}
     caption_ids = [i for i, v in enumerate(data.caption_to_video) if v in position]
-    text_emb = embed_texts(
-        model, [data.captions[i] for i in caption_ids], device, cfg.eval.batch_size, cfg.data.max_text_length
-    )
+    protocol = protocol_settings(cfg, model)
+    captions = [data.captions[i] for i in caption_ids]
+    text_emb = embed_texts(model, captions, device, cfg.eval.batch_size, protocol["max_text_length"])
     sim = text_emb @ video_emb.T
-    result: dict[str, Any] = retrieval_metrics(sim, [position[data.caption_to_video[i]] for i in caption_ids])
+    owners = [position[data.caption_to_video[i]] for i in caption_ids]
+    result: dict[str, Any] = retrieval_metrics(
+        sim, owners, t2v_ties=protocol["t2v_ties"], v2t_ties=protocol["v2t_ties"]
+    )
+    result["protocol"] = protocol
     result["num_videos"] = len(kept)
     result["num_captions"] = len(caption_ids)
     labelled = [data.labels[v] for v in kept]
@@ -155,7 +185,7 @@ def evaluate(
         if unknown:
             raise ValueError(f"labels {unknown[:5]} are not in the class list; check the classes file")
         prompts = [cfg.eval.prompt.format(name) for name in classes]
-        class_emb = embed_texts(model, prompts, device, cfg.eval.batch_size, cfg.data.max_text_length)
+        class_emb = embed_texts(model, prompts, device, cfg.eval.batch_size, protocol["max_text_length"])
         result["zeroshot"] = zeroshot_accuracy(video_emb @ class_emb.T, [classes.index(x) for x in labelled])
         num_classes = len(classes)
     result["chance"] = chance_levels(len(kept), len(caption_ids), num_classes)

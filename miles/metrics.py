@@ -48,19 +48,29 @@ def _as_index_tensor(idx: Sequence[int] | torch.Tensor | np.ndarray, device: tor
 
 
 def ranks_to_metrics(ranks: torch.Tensor | np.ndarray) -> dict[str, float]:
-    """R@1/5/10 in percent and median/mean rank from 1-based ranks (one per query)."""
+    """R@1/5/10 in percent and median/mean rank from 1-based ranks (one per query).
+
+    Ranks averaged over ties may be fractional; the released evaluation then counts R@1 only for rank
+    exactly 1 and R@K (K > 1) for rank below K + 1. For whole ranks both are plain `rank <= K`."""
     r = np.asarray(torch.as_tensor(ranks).detach().cpu().to(torch.float64).numpy()).reshape(-1)
     if r.size == 0:
         raise ValueError("no queries to score")
-    out = {f"R{k}": float(100.0 * np.mean(r <= k)) for k in _RECALL_KS}
+    out = {f"R{k}": float(100.0 * np.mean(r <= 1 if k == 1 else r < k + 1)) for k in _RECALL_KS}
     # np.median averages the two middle ranks for an even count, as the official evaluation does.
     out["MedR"] = float(np.median(r))
     out["MeanR"] = float(np.mean(r))
     return out
 
 
+TIE_RULES = ("optimistic", "average")
+
+
 def retrieval_metrics(
-    sim: torch.Tensor | np.ndarray, caption_to_video: Sequence[int]
+    sim: torch.Tensor | np.ndarray,
+    caption_to_video: Sequence[int],
+    *,
+    t2v_ties: str = "optimistic",
+    v2t_ties: str = "optimistic",
 ) -> dict[str, dict[str, float]]:
     """Text-to-video and video-to-text retrieval metrics from a ``[num_captions, num_videos]`` matrix.
 
@@ -70,7 +80,14 @@ def retrieval_metrics(
     * v2t: every video that owns at least one caption is a query; its rank is that of the best-ranked of
       its own captions among all captions (the Frozen-in-Time / VSE convention). Videos without a caption
       still act as distractors for t2v but are not v2t queries.
+
+    Ties: `optimistic` counts only candidates that score strictly higher; `average` takes the mean of
+    the positions the tied candidates share (what the released code does for v2t; it is optimistic for
+    t2v). They differ only on exactly tied scores.
     """
+    for name, rule in (("t2v_ties", t2v_ties), ("v2t_ties", v2t_ties)):
+        if rule not in TIE_RULES:
+            raise ValueError(f"{name} must be one of {TIE_RULES}, got {rule!r}")
     s = _as_float_tensor(sim)
     num_captions, num_videos = s.shape
     c2v = _as_index_tensor(caption_to_video, s.device)
@@ -83,17 +100,27 @@ def retrieval_metrics(
 
     caption_idx = torch.arange(num_captions, device=s.device)
     gt = s[caption_idx, c2v]  # [C] score of each caption with its own video
-    t2v_ranks = 1 + (s > gt[:, None]).sum(dim=1)
+    t2v_ranks = _rank(s, gt[:, None], dim=1, rule=t2v_ties)
 
-    # Best score of each video's own captions; a caption with the highest score has the best rank.
-    best = torch.full((num_videos,), float("-inf"), dtype=s.dtype, device=s.device)
-    best = best.scatter_reduce(0, c2v, gt, reduce="amax", include_self=True)
     has_caption = torch.zeros(num_videos, dtype=torch.bool, device=s.device)
     has_caption[c2v] = True
-    v2t_ranks = 1 + (s > best[None, :]).sum(dim=0)
-    v2t_ranks = v2t_ranks[has_caption]
+    # A video's rank is that of its best-scoring own caption: under either tie rule a higher score never
+    # ranks lower, so the best caption's rank is the minimum over the video's captions.
+    best = torch.full((num_videos,), float("-inf"), dtype=s.dtype, device=s.device)
+    best = best.scatter_reduce(0, c2v, gt, reduce="amax", include_self=True)
+    v2t_ranks = _rank(s, best[None, :], dim=0, rule=v2t_ties)[has_caption]
 
     return {"t2v": ranks_to_metrics(t2v_ranks), "v2t": ranks_to_metrics(v2t_ranks)}
+
+
+def _rank(scores: torch.Tensor, target: torch.Tensor, dim: int, rule: str) -> torch.Tensor:
+    """1-based rank of `target` among `scores` along `dim`: strictly higher ones, plus half of the
+    other tied ones when ties are averaged (the mean of the positions they share)."""
+    higher = (scores > target).sum(dim=dim)
+    if rule == "optimistic":
+        return 1 + higher
+    tied_others = (scores == target).sum(dim=dim) - 1
+    return 1 + higher.to(torch.float64) + tied_others.to(torch.float64) / 2
 
 
 def zeroshot_accuracy(sim: torch.Tensor | np.ndarray, labels: Sequence[int]) -> dict[str, float]:

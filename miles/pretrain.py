@@ -227,6 +227,7 @@ def run_pretraining(
             "attention_backend": attention.backend,
             "data_backend": data_backend,
             "eval_data_backend": trained["data_backend"],
+            "protocol": trained["protocol"],
             "steps": summary["steps"],
             "train_seconds": summary["train_seconds"],
             "train_clips_per_s": summary["clips_per_s"],

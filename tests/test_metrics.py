@@ -204,3 +204,68 @@ def test_non_finite_scores_are_refused_not_ranked(bad: float) -> None:
         retrieval_metrics(sim, list(range(4)))
     with pytest.raises(NonFiniteError, match="refusing to report metrics"):
         zeroshot_accuracy(torch.full((3, 5), float("nan")), [0, 1, 2])
+
+
+def _released_rule(sim: np.ndarray, caption_to_video: list[int]) -> dict:
+    """The released evaluation written from its definition, one query at a time (0-based positions in
+    the sorted candidates: t2v takes the first tied position, v2t the mean of the tied positions of each
+    own caption and the best of those; R@1 counts position 0, R@K positions below K)."""
+
+    def metrics(pos: list[float]) -> dict:
+        p = np.array(pos)
+        return {
+            "R1": 100 * np.mean(p == 0),
+            "R5": 100 * np.mean(p < 5),
+            "R10": 100 * np.mean(p < 10),
+            "MedR": np.median(p) + 1,
+            "MeanR": np.mean(p) + 1,
+        }
+
+    t2v = []
+    for i, v in enumerate(caption_to_video):
+        order = np.sort(-sim[i])
+        t2v.append(float(np.where(order == -sim[i, v])[0][0]))
+    v2t = []
+    for v in sorted(set(caption_to_video)):
+        order = np.sort(-sim[:, v])
+        own = [j for j, w in enumerate(caption_to_video) if w == v]
+        v2t.append(min(float(np.where(order == -sim[j, v])[0].mean()) for j in own))
+    return {"t2v": metrics(t2v), "v2t": metrics(v2t)}
+
+
+def test_released_tie_rules_on_a_constant_matrix() -> None:
+    """All scores tied: optimistic t2v ranks every caption first; averaged v2t puts every video in the
+    middle of its 3 tied captions (position 1, rank 2)."""
+    m = retrieval_metrics(torch.zeros(3, 3), [0, 1, 2], v2t_ties="average")
+    _check(m["t2v"], {"R1": 100.0, "MedR": 1.0})
+    _check(m["v2t"], {"R1": 0.0, "R5": 100.0, "MedR": 2.0, "MeanR": 2.0})
+    ours = retrieval_metrics(torch.zeros(3, 3), [0, 1, 2])
+    _check(ours["v2t"], {"R1": 100.0, "MedR": 1.0})
+
+
+def test_fractional_ranks_count_as_the_released_code_counts_them() -> None:
+    """Video 0 ties with 10 other captions at the top: position 5 on average (rank 6), so it is outside
+    R@5 but inside R@10; a tie at positions 0-1 (rank 1.5) is outside R@1."""
+    sim = np.zeros((12, 12))
+    sim[:, 0] = 1.0  # every caption ties for video 0
+    sim[:, 0][11] = -1.0  # but one
+    for v in range(1, 12):
+        sim[v, v] = 2.0
+    m = retrieval_metrics(sim, list(range(12)), v2t_ties="average")
+    assert m["v2t"] == pytest.approx(_released_rule(sim, list(range(12)))["v2t"])
+    assert m["v2t"]["R5"] == pytest.approx(100 * 11 / 12) and m["v2t"]["R10"] == 100.0
+    pair = np.array([[1.0, 0.0], [1.0, 1.0]])  # video 0: captions 0 and 1 tie -> rank 1.5
+    got = retrieval_metrics(pair, [0, 1], v2t_ties="average")["v2t"]
+    assert got["R1"] == 50.0 and got == pytest.approx(_released_rule(pair, [0, 1])["v2t"])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_released_protocol_equals_its_definition_on_random_ties(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    owner = sorted(rng.integers(0, 7, size=20).tolist())
+    owner = [sorted(set(owner)).index(v) for v in owner]  # every video owns a caption
+    sim = rng.integers(0, 3, size=(20, max(owner) + 1)).astype(np.float64)  # many exact ties
+    got = retrieval_metrics(sim, owner, v2t_ties="average")
+    want = _released_rule(sim, owner)
+    for side in ("t2v", "v2t"):
+        assert got[side] == pytest.approx(want[side]), side

@@ -176,3 +176,17 @@ def test_convert_writes_safetensors_in_our_layout_and_round_trips(released: dict
     converted = _eval(released, "converted", tmp_path)  # config from the JSON: no overrides needed
     assert converted["t2v"] == _eval(released, "ours", tmp_path)["t2v"]
     assert converted["checkpoint_layout"] == "miles (safetensors)"
+
+
+def test_the_released_protocol_is_selectable_and_recorded(released: dict, tmp_path: Path) -> None:
+    ours = _eval(released, "ours", tmp_path)
+    theirs = _eval(released, "ours", tmp_path, "eval.protocol=released")
+    assert ours["protocol"] == {
+        "name": "ours",
+        "max_text_length": 32,
+        "t2v_ties": "optimistic",
+        "v2t_ties": "optimistic",
+        "test_frames": "the middle frame of each of F equal segments",
+    }
+    assert theirs["protocol"]["name"] == "released" and theirs["protocol"]["v2t_ties"] == "average"
+    assert theirs["protocol"]["max_text_length"] == 512  # DistilBERT's position table: no 32-token cut
