@@ -1,4 +1,4 @@
-"""The `miles` command: demo-data, pretrain, eval, convert, prepare, bench."""
+"""The `miles` command: demo-data, pretrain, eval, convert, data, prepare, bench."""
 
 from __future__ import annotations
 
@@ -76,6 +76,17 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("out", type=Path, help="OUT.safetensors (OUT.json is written beside it)")
     conv.add_argument("--text-model", default=None, help=_TEXT_MODEL_HELP)
     conv.add_argument("overrides", nargs="*", help="key=value overrides of the model's config")
+
+    bench_data = sub.add_parser(
+        "data", help="manifests of a benchmark data set from its own annotation files"
+    )
+    bench_data.add_argument("name", help="msrvtt | didemo | msvd | lsmdc | ucf101 | hmdb51")
+    bench_data.add_argument("root", type=Path, help="the data set's folder, as downloaded and unpacked")
+    bench_data.add_argument("out_dir", type=Path, help="where the manifests (and classes.txt) go")
+    bench_data.add_argument(
+        "--split", default=None, help="e.g. 1k-A | miech | full (MSR-VTT), test1 (UCF101)"
+    )
+    bench_data.add_argument("--relative", action="store_true", help="video paths relative to OUT_DIR")
 
     prep = sub.add_parser("prepare", help="decode a manifest once into JPEG frame shards (resumable)")
     prep.add_argument("manifest", type=Path, help="CSV/TSV/JSONL manifest of videos (or images) and captions")
@@ -170,6 +181,13 @@ def _run(args: argparse.Namespace) -> int:
 
             path = run_convert(args.checkpoint, args.out, args.text_model, args.overrides)
             print(f"wrote {path} and {path.with_suffix('.json')}")
+        elif args.command == "data":
+            from data_dali.benchmarks import write_benchmark_manifests
+
+            report = write_benchmark_manifests(
+                args.name, args.root, args.out_dir, split=args.split, relative=args.relative
+            )
+            print(report.summary())
         elif args.command == "prepare":
             from data_dali.shards import prepare_shards
 

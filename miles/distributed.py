@@ -25,6 +25,7 @@ __all__ = [
     "barrier",
     "cleanup",
     "all_reduce_mean",
+    "all_gather_objects",
     "gather_with_local_grad",
 ]
 
@@ -97,6 +98,15 @@ def broadcast_from_main(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0, device=_collective_device())
     return box[0]
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's value of a picklable object, in rank order; `[obj]` when alone."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def cleanup() -> None:

@@ -15,6 +15,7 @@ from data_dali.loaders import DataSource, build_loader, resolve_data_backend
 from data_dali.manifest import ManifestEntry
 from data_dali.shards import ShardIndex
 from miles.config import Config
+from miles.distributed import all_gather_objects, get_rank, get_world_size
 from miles.metrics import chance_levels, retrieval_metrics, zeroshot_accuracy
 from miles.model import MilesModel
 
@@ -90,7 +91,10 @@ def embed_videos(
     progress: bool = True,
     backend: str = "reference",
 ) -> tuple[torch.Tensor, list[int], list[str]]:
-    """(embeddings of the readable videos, their indices into `videos`, paths that could not be read)."""
+    """(embeddings of the readable videos, their indices into `videos`, paths that could not be read).
+
+    With several ranks each embeds its share (the sampler's split) and every rank gets all of them,
+    in index order, so the ranking that follows is the single-process one."""
     loader = build_loader(
         backend,
         videos,
@@ -103,6 +107,8 @@ def embed_videos(
         seed=cfg.train.seed,
         num_workers=cfg.data.num_workers,
         max_length=cfg.data.max_text_length,
+        rank=get_rank(),
+        world_size=get_world_size(),
     )
     embeddings, kept, skipped = [], [], []
     rng = torch.get_rng_state()  # evaluating must not shift the training RNG stream
@@ -114,11 +120,32 @@ def embed_videos(
         embeddings.append(F.normalize(emb.float(), dim=-1).cpu())
         kept.extend(batch["index"].tolist())
     torch.set_rng_state(rng)
+    local = torch.cat(embeddings) if embeddings else torch.empty(0)
+    by_index: dict[int, torch.Tensor] = {}
+    bad: set[str] = set()
+    for emb, idx, paths in all_gather_objects((local, kept, skipped)):
+        by_index.update(zip(idx, emb, strict=True))  # the sampler pads ranks with repeats: kept once
+        bad.update(paths)
+    skipped = sorted(bad)
     for path in skipped:
         log.warning("skipped unreadable video %s (left out of the evaluation)", path)
-    if not embeddings:
+    if not by_index:
         raise RuntimeError("no video of the evaluation set could be read")
-    return torch.cat(embeddings), kept, skipped
+    kept = sorted(by_index)
+    return torch.stack([by_index[i] for i in kept]), kept, skipped
+
+
+def embed_texts_sharded(
+    model: MilesModel, texts: list[str], device: torch.device, batch_size: int, max_length: int
+) -> torch.Tensor:
+    """`embed_texts` with the texts split into one contiguous chunk per rank, gathered in order."""
+    world, rank = get_world_size(), get_rank()
+    if world == 1:
+        return embed_texts(model, texts, device, batch_size, max_length)
+    chunk = -(-len(texts) // world)
+    mine = texts[rank * chunk : (rank + 1) * chunk]
+    local = embed_texts(model, mine, device, batch_size, max_length) if mine else torch.empty(0)
+    return torch.cat([part for part in all_gather_objects(local) if part.numel()])
 
 
 TEST_FRAMES = "the middle frame of each of F equal segments"  # both protocols: Frozen's "uniform"
@@ -158,6 +185,7 @@ def evaluate(
     """Retrieval metrics, and zero-shot accuracy when class names and labels are given.
 
     `source` is a manifest's entries or a frame-shard index; `data.backend` picks its loader as in training.
+    Every rank must call it: each embeds a share, all rank the gathered whole.
     """
     backend, why = resolve_data_backend(cfg.data.backend, source, device)
     log.info("evaluation data: %s", why)
@@ -169,7 +197,7 @@ def evaluate(
     caption_ids = [i for i, v in enumerate(data.caption_to_video) if v in position]
     protocol = protocol_settings(cfg, model)
     captions = [data.captions[i] for i in caption_ids]
-    text_emb = embed_texts(model, captions, device, cfg.eval.batch_size, protocol["max_text_length"])
+    text_emb = embed_texts_sharded(model, captions, device, cfg.eval.batch_size, protocol["max_text_length"])
     sim = text_emb @ video_emb.T
     owners = [position[data.caption_to_video[i]] for i in caption_ids]
     result: dict[str, Any] = retrieval_metrics(

@@ -203,14 +203,15 @@ def run_pretraining(
     if latest is not None:
         if metrics_path.is_file():
             untrained = json.loads(metrics_path.read_text()).get("untrained")
-    elif cfg.eval.before_training and main:
-        untrained = evaluate(trainer.model, val_entries, cfg, dist.device, classes)
-        _write_json(metrics_path, {"untrained": untrained})
+    elif cfg.eval.before_training:
+        untrained = evaluate(trainer.model, val_entries, cfg, dist.device, classes, progress=main)
+        if main:
+            _write_json(metrics_path, {"untrained": untrained})
     barrier()
     summary = trainer.fit()
     result: dict[str, Any] = {}
+    trained = evaluate(trainer.model, val_entries, cfg, dist.device, classes, progress=main)  # all ranks
     if main:
-        trained = evaluate(trainer.model, val_entries, cfg, dist.device, classes)
         result = {
             "t2v": trained["t2v"],
             "v2t": trained["v2t"],
@@ -332,8 +333,11 @@ def run_eval(
         trained_with = Path(cfg.data.classes) if cfg.data.classes else None
         classes_path = trained_with if trained_with and trained_with.is_file() else None
     classes = read_classes(classes_path) if classes_path else None
-    result = evaluate(model, entries, cfg, dist.device, classes)
+    result = evaluate(model, entries, cfg, dist.device, classes, progress=dist.rank == 0)
     result["checkpoint_layout"] = file.layout
+    result["world_size"] = dist.world_size
+    if dist.rank != 0:
+        return result
     chance = result["chance"]
     print(
         format_table(

@@ -34,7 +34,7 @@ from data_dali.reference_loader import set_loader_epoch
 from miles import checkpoint as ckpt
 from miles.checkpoint import CheckpointError
 from miles.config import Config, config_differences
-from miles.distributed import DistInfo, all_reduce_mean, broadcast_from_main
+from miles.distributed import DistInfo, all_gather_objects, all_reduce_mean, broadcast_from_main
 from miles.model import MilesModel
 from miles.snapshot import SnapshotEncoder
 from miles.stop import GracefulStop, NonFiniteError, StopRequested
@@ -170,14 +170,6 @@ RESUME_KEYS = [
 ]
 
 
-def _gather_objects(obj: Any) -> list[Any]:
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return [obj]
-    out: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
 class Trainer:
     def __init__(
         self,
@@ -248,7 +240,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "data_position": {"epoch": self.state.position.epoch, "batches": self.state.position.batches},
             "skipped_videos": sorted(self.state.skipped),
-            "rng": _gather_objects(_rng_state()),  # one entry per rank
+            "rng": all_gather_objects(_rng_state()),  # one entry per rank
             "world_size": self.dist.world_size,
             "data_fingerprint": self.data_fingerprint,
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
@@ -510,7 +502,7 @@ class Trainer:
             "train_seconds": wall,
             "clips_per_s": clips_done / max(wall, 1e-9),
             "final": last,
-            "skipped_videos": sorted(set().union(*_gather_objects(self.state.skipped))),
+            "skipped_videos": sorted(set().union(*all_gather_objects(self.state.skipped))),
         }
 
     def _crash(self, log_file: Any) -> None:

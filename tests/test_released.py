@@ -190,3 +190,33 @@ def test_the_released_protocol_is_selectable_and_recorded(released: dict, tmp_pa
     }
     assert theirs["protocol"]["name"] == "released" and theirs["protocol"]["v2t_ties"] == "average"
     assert theirs["protocol"]["max_text_length"] == 512  # DistilBERT's position table: no 32-token cut
+
+
+@pytest.mark.slow
+def test_evaluation_sharded_over_two_ranks_gives_the_single_process_numbers(
+    released: dict, tmp_path: Path
+) -> None:
+    """Each rank embeds its share of the videos and captions; the gathered whole is ranked once."""
+    import os
+    import subprocess
+    import sys
+
+    single = _eval(released, "ours", tmp_path)
+    out = tmp_path / "two_ranks.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "miles"]
+    cmd += [
+        "eval",
+        "--checkpoint",
+        str(released["paths"]["ours"]),
+        "--data",
+        str(released["data"] / "val.csv"),
+    ]
+    cmd += ["--classes", str(released["data"] / "classes.txt"), "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sharded = json.loads(out.read_text())
+    assert sharded["world_size"] == 2 and single["world_size"] == 1
+    assert sharded["num_videos"] == single["num_videos"] == 12  # the padded repeat counted once
+    for side in ("t2v", "v2t", "zeroshot"):
+        assert sharded[side] == pytest.approx(single[side]), side
