@@ -201,8 +201,17 @@ class _Clips:
     """
 
     def __init__(
-        self, *, num_frames: int, size: int, train: bool, seed: int, hflip: float, device_id: int | None
+        self,
+        *,
+        num_frames: int,
+        size: int,
+        train: bool,
+        seed: int,
+        hflip: float,
+        device_id: int | None,
+        test_clip: tuple[int, int] = (0, 1),
     ) -> None:
+        self.test_clip = test_clip
         self.num_frames = num_frames
         self.size = size
         self.train = train
@@ -326,6 +335,7 @@ class RawVideoClips(_Clips):
             size=self.size,
             train=self.train,
             hflip=self.hflip,
+            test_clip=self.test_clip,
         )
         inputs = {"encoded": data, "frame_ids": np.asarray(plan.frame_ids, dtype=np.int32)}
         return _Prepared(j, self.name(j), entry.caption, plan.box, plan.flip, inputs)
@@ -334,7 +344,7 @@ class RawVideoClips(_Clips):
         entry = self.entries[j]
         rng = self._rng(j, epoch)
         try:
-            frames = decode_frames(entry.video, self.num_frames, self.train, rng).numpy()
+            frames = decode_frames(entry.video, self.num_frames, self.train, rng, self.test_clip).numpy()
         except VideoDecodeError as e:
             if is_image(entry.video):
                 raise _BadClip(str(e)) from None  # an image has no draws: bad in every epoch
@@ -396,6 +406,7 @@ class ShardClips(_Clips):
             size=self.size,
             train=self.train,
             hflip=self.hflip,
+            test_clip=self.test_clip,
         )
         caption = clip.captions[0]
         if self.train and len(clip.captions) > 1:
@@ -705,6 +716,7 @@ def build_dali_loader(
     world_size: int = 1,
     max_length: int = 32,
     device: str | torch.device | None = None,
+    test_clip: tuple[int, int] = (0, 1),
 ) -> DaliLoader:
     """The DALI counterpart of ``build_reference_loader`` (same arguments and batches).
 
@@ -719,6 +731,7 @@ def build_dali_loader(
         "seed": seed,
         "hflip": hflip,
         "device_id": resolve_device_id(device),
+        "test_clip": test_clip,
     }
     clips: _Clips = (
         ShardClips(source, **common) if isinstance(source, ShardIndex) else RawVideoClips(source, **common)

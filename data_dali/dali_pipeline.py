@@ -82,6 +82,7 @@ def plan_clip(
     size: int,
     train: bool,
     hflip: float,
+    test_clip: tuple[int, int] = (0, 1),
 ) -> ClipPlan:
     """The reference loader's draws from the clip's generator, in its order: frame indices, crop box, flip.
 
@@ -92,7 +93,7 @@ def plan_clip(
     if total_frames is None:
         frame_ids = [0] * num_frames
     else:
-        frame_ids = sample_frame_indices(total_frames, num_frames, train, rng)
+        frame_ids = sample_frame_indices(total_frames, num_frames, train, rng, test_clip)
     box, flip = draw_box(rng, height=height, width=width, size=size, train=train, hflip=hflip)
     return ClipPlan(tuple(frame_ids), box, flip)
 

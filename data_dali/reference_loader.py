@@ -84,12 +84,21 @@ def unreadable_data_message(tries: int, index: int, first: str, reason: str) -> 
 
 
 def sample_frame_indices(
-    total: int, num: int, train: bool, rng: np.random.Generator | None = None
+    total: int,
+    num: int,
+    train: bool,
+    rng: np.random.Generator | None = None,
+    test_clip: tuple[int, int] = (0, 1),
 ) -> list[int]:
     """Frozen-in-Time's rule: ``num`` equal segments; random frame in each (train), middle (eval).
 
     With fewer frames than segments the indices repeat, still sorted, so short clips are usable.
+    ``test_clip=(k, K)``: at evaluation, the k-th of K clips, at the middle of the k-th of K equal parts
+    of every segment (K = 1: the middle frame), for averaging several test clips per video.
     """
+    k, clips = test_clip
+    if not 0 <= k < clips:
+        raise ValueError(f"test clip {k} of {clips} does not exist")
     if total <= 0:
         raise ValueError(f"cannot sample frames from a clip with {total} frames")
     if num <= 0:
@@ -104,7 +113,7 @@ def sample_frame_indices(
         elif train:
             idx = int(rng.integers(lo, hi))
         else:
-            idx = (lo + hi - 1) // 2
+            idx = lo + ((2 * k + 1) * (hi - lo) - 1) // (2 * clips)
         out.append(min(idx, total - 1))
     return out
 
@@ -240,7 +249,13 @@ def _check_file(path: Path) -> None:
         raise VideoDecodeError(f"{path} is empty (0 bytes)")
 
 
-def decode_frames(path: Path, num: int, train: bool, rng: np.random.Generator | None = None) -> torch.Tensor:
+def decode_frames(
+    path: Path,
+    num: int,
+    train: bool,
+    rng: np.random.Generator | None = None,
+    test_clip: tuple[int, int] = (0, 1),
+) -> torch.Tensor:
     """Decode ``num`` frames chosen by :func:`sample_frame_indices` as uint8 [F, H, W, 3].
 
     Images give one frame [1, H, W, 3]. Any failure raises :class:`VideoDecodeError` naming the file;
@@ -262,9 +277,9 @@ def decode_frames(path: Path, num: int, train: bool, rng: np.random.Generator | 
                 total = last_idx + 1
                 if total <= 0:
                     raise VideoDecodeError(f"{path} has no decodable video frames")
-                targets = sample_frame_indices(total, num, train, rng)
+                targets = sample_frame_indices(total, num, train, rng, test_clip)
                 return torch.from_numpy(np.stack([got[t] for t in targets]))
-            targets = sample_frame_indices(total, num, train, rng)
+            targets = sample_frame_indices(total, num, train, rng, test_clip)
             wanted = sorted(set(targets))
             try:
                 got, last_idx, last_frame = _decode_seeking(container, stream, wanted, SEEK_GAP_FRAMES)
@@ -367,6 +382,7 @@ class VideoTextDataset(Dataset):
         seed: int = 0,
         hflip: float = 0.5,
         substitute_bad: bool = True,
+        test_clip: tuple[int, int] = (0, 1),
     ) -> None:
         if not entries:
             raise ValueError("VideoTextDataset needs at least one manifest entry")
@@ -377,6 +393,7 @@ class VideoTextDataset(Dataset):
         self.seed = seed
         self.hflip = hflip
         self.substitute_bad = substitute_bad
+        self.test_clip = test_clip
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -389,7 +406,7 @@ class VideoTextDataset(Dataset):
     def load(self, index: int) -> torch.Tensor:
         """Decoded and augmented clip of one entry; raises VideoDecodeError for a bad file."""
         rng = sample_rng(self.seed, self.epoch, index)
-        frames = decode_frames(self.entries[index].video, self.num_frames, self.train, rng)
+        frames = decode_frames(self.entries[index].video, self.num_frames, self.train, rng, self.test_clip)
         return augment_clip(frames, size=self.size, train=self.train, rng=rng, hflip=self.hflip)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
@@ -631,6 +648,7 @@ def build_reference_loader(
     rank: int = 0,
     world_size: int = 1,
     max_length: int = 32,
+    test_clip: tuple[int, int] = (0, 1),
 ) -> ReferenceDataLoader:
     """The reference loader: train shuffles, drops the last partial batch and substitutes bad clips;
     eval keeps order and every sample, and reports bad clips instead of replacing them. Training data
@@ -646,6 +664,7 @@ def build_reference_loader(
         seed=seed,
         hflip=hflip,
         substitute_bad=train,
+        test_clip=test_clip,
     )
     sampler = ShardedEpochSampler(
         len(dataset),

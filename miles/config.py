@@ -123,6 +123,9 @@ class EvalConfig:
     prompt: str = "a video of {}"  # zero-shot prompt template
     before_training: bool = True  # also evaluate the untrained model (the demo's side-by-side table)
     protocol: str = "ours"  # ours | released (the released MILES test script: see miles/evaluate.py)
+    num_clips: int = 1  # test clips per video (evenly spaced in every segment), embeddings averaged
+    dual_softmax: bool = False  # also report dual-softmax (DSL) re-scored retrieval, in its own column
+    dsl_temperature: float = 100.0  # inverse temperature of the DSL prior
 
 
 @dataclass
@@ -306,6 +309,8 @@ RANGES: dict[str, str] = {
     "train.crash_at_step": "[0, inf)",
     "train.crash_rank": "[0, inf)",
     "eval.batch_size": "[1, inf)",
+    "eval.num_clips": "[1, 16]",
+    "eval.dsl_temperature": "(0, inf)",
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {

@@ -90,6 +90,7 @@ def embed_videos(
     device: torch.device,
     progress: bool = True,
     backend: str = "reference",
+    test_clip: tuple[int, int] = (0, 1),
 ) -> tuple[torch.Tensor, list[int], list[str]]:
     """(embeddings of the readable videos, their indices into `videos`, paths that could not be read).
 
@@ -109,6 +110,7 @@ def embed_videos(
         max_length=cfg.data.max_text_length,
         rank=get_rank(),
         world_size=get_world_size(),
+        test_clip=test_clip,
     )
     embeddings, kept, skipped = [], [], []
     rng = torch.get_rng_state()  # evaluating must not shift the training RNG stream
@@ -133,6 +135,35 @@ def embed_videos(
         raise RuntimeError("no video of the evaluation set could be read")
     kept = sorted(by_index)
     return torch.stack([by_index[i] for i in kept]), kept, skipped
+
+
+def embed_clips(
+    model: MilesModel,
+    videos: DataSource,
+    cfg: Config,
+    device: torch.device,
+    progress: bool,
+    backend: str,
+) -> tuple[torch.Tensor, list[int], list[str]]:
+    """`embed_videos` over `eval.num_clips` test clips per video: the mean of their unit embeddings,
+    normalised again (a video unreadable in any clip is left out)."""
+    clips = cfg.eval.num_clips
+    passes = [embed_videos(model, videos, cfg, device, progress, backend, (k, clips)) for k in range(clips)]
+    if clips == 1:
+        return passes[0]
+    common = sorted(set.intersection(*(set(kept) for _, kept, _ in passes)))
+    total = torch.zeros(len(common), passes[0][0].shape[1])
+    for emb, kept, _ in passes:
+        row = {v: i for i, v in enumerate(kept)}
+        total += emb[[row[v] for v in common]]
+    skipped = sorted({p for _, _, paths in passes for p in paths})
+    return F.normalize(total, dim=-1), common, skipped
+
+
+def dual_softmax(sim: torch.Tensor, temperature: float, over: int) -> torch.Tensor:
+    """Dual-softmax re-scoring (DSL): each score times a softmax prior over the query set (`over` is the
+    query axis), which demotes candidates that many queries like; applied to the whole query set."""
+    return sim * torch.softmax(sim * temperature, dim=over)
 
 
 def embed_texts_sharded(
@@ -192,7 +223,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     data = EvalSet.from_source(source)
-    video_emb, kept, skipped = embed_videos(model, data.videos, cfg, device, progress, backend)
+    video_emb, kept, skipped = embed_clips(model, data.videos, cfg, device, progress, backend)
     position = {v: i for i, v in enumerate(kept)}
     caption_ids = [i for i, v in enumerate(data.caption_to_video) if v in position]
     protocol = protocol_settings(cfg, model)
@@ -204,6 +235,12 @@ def evaluate(
         sim, owners, t2v_ties=protocol["t2v_ties"], v2t_ties=protocol["v2t_ties"]
     )
     result["protocol"] = protocol
+    if cfg.eval.dual_softmax:  # its own numbers, beside the plain ones
+        t = cfg.eval.dsl_temperature
+        t2v = retrieval_metrics(dual_softmax(sim, t, over=0), owners, v2t_ties=protocol["v2t_ties"])["t2v"]
+        v2t = retrieval_metrics(dual_softmax(sim, t, over=1), owners, v2t_ties=protocol["v2t_ties"])["v2t"]
+        result["dsl"] = {"t2v": t2v, "v2t": v2t, "temperature": t}
+    result["num_clips"] = cfg.eval.num_clips
     result["num_videos"] = len(kept)
     result["num_captions"] = len(caption_ids)
     labelled = [data.labels[v] for v in kept]

@@ -229,6 +229,8 @@ def run_pretraining(
             "data_backend": data_backend,
             "eval_data_backend": trained["data_backend"],
             "protocol": trained["protocol"],
+            "num_clips": trained["num_clips"],
+            "dsl": trained.get("dsl"),
             "steps": summary["steps"],
             "train_seconds": summary["train_seconds"],
             "train_clips_per_s": summary["clips_per_s"],
@@ -243,6 +245,8 @@ def run_pretraining(
         if untrained:
             columns["untrained"] = untrained
         columns["trained"] = trained
+        if "dsl" in trained:
+            columns["trained + DSL"] = trained["dsl"]
         print(
             f"\nretrieval on {cfg.data.val_manifest} ({trained['num_videos']} videos, "
             f"{trained['num_captions']} captions; R@K in %):"
@@ -338,15 +342,10 @@ def run_eval(
     result["world_size"] = dist.world_size
     if dist.rank != 0:
         return result
-    chance = result["chance"]
-    print(
-        format_table(
-            {
-                "chance": chance_column(chance),
-                "model": result,
-            }
-        )
-    )
+    columns = {"chance": chance_column(result["chance"]), "model": result}
+    if "dsl" in result:
+        columns["model + DSL"] = result["dsl"]
+    print(format_table(columns))
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         _write_json(out, result)

@@ -269,3 +269,15 @@ def test_released_protocol_equals_its_definition_on_random_ties(seed: int) -> No
     want = _released_rule(sim, owner)
     for side in ("t2v", "v2t"):
         assert got[side] == pytest.approx(want[side]), side
+
+
+def test_dual_softmax_demotes_a_video_that_prefers_another_query() -> None:
+    """Caption 0 scores video 1 above its own video 0, but video 1 prefers caption 1 by far: the prior
+    over the query set (captions) removes that pull, and caption 0 finds its video first."""
+    from miles.evaluate import dual_softmax
+
+    sim = torch.tensor([[0.5, 0.8], [0.2, 0.9]])
+    assert retrieval_metrics(sim, [0, 1])["t2v"]["R1"] == 50.0
+    rescored = dual_softmax(sim, 100.0, over=0)
+    assert rescored[0, 1] == pytest.approx(0.8 * torch.softmax(torch.tensor([80.0, 90.0]), 0)[0].item())
+    assert retrieval_metrics(rescored, [0, 1])["t2v"]["R1"] == 100.0

@@ -609,3 +609,19 @@ def test_eval_loader_keeps_order_and_every_row(demo_dir: Path, tokenizer) -> Non
     assert [b["video"].shape[0] for b in batches] == [3, 3, 2]  # 8 rows, the partial batch kept
     # Two captions of the same clip give identical (deterministic) video tensors in evaluation.
     assert torch.equal(batches[0]["video"][0], batches[0]["video"][1])
+
+
+def test_test_clips_are_evenly_spaced_within_every_segment() -> None:
+    from data_dali.reference_loader import sample_frame_indices
+
+    assert sample_frame_indices(16, 4, train=False) == [1, 5, 9, 13]  # one clip: the middle frames
+    assert sample_frame_indices(16, 4, train=False, test_clip=(0, 2)) == [0, 4, 8, 12]
+    assert sample_frame_indices(16, 4, train=False, test_clip=(1, 2)) == [2, 6, 10, 14]
+    for total in range(1, 40):  # K = 1 is the rule every checkpoint was evaluated with
+        bounds = np.linspace(0, total, 5).astype(np.int64).tolist()
+        want = [
+            min(max(lo, (lo + hi - 1) // 2), total - 1) for lo, hi in zip(bounds, bounds[1:], strict=False)
+        ]
+        assert sample_frame_indices(total, 4, train=False, test_clip=(0, 1)) == want
+    with pytest.raises(ValueError, match="test clip 2 of 2"):
+        sample_frame_indices(16, 4, train=False, test_clip=(2, 2))

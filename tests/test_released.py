@@ -220,3 +220,27 @@ def test_evaluation_sharded_over_two_ranks_gives_the_single_process_numbers(
     assert sharded["num_videos"] == single["num_videos"] == 12  # the padded repeat counted once
     for side in ("t2v", "v2t", "zeroshot"):
         assert sharded[side] == pytest.approx(single[side]), side
+
+
+def test_several_test_clips_average_their_embeddings_and_dsl_gets_its_own_numbers(
+    released: dict, tmp_path: Path
+) -> None:
+    import torch.nn.functional as F
+
+    from data_dali.manifest import read_manifest
+    from miles.evaluate import EvalSet, embed_clips, embed_videos
+
+    cfg = build_config("smoke", overrides=[f"model.text_model={released['text']}", "eval.num_clips=2"])
+    model = MilesModel(cfg).eval()
+    videos = EvalSet.from_entries(read_manifest(released["data"] / "val.csv")).videos
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        first, kept, _ = embed_videos(model, videos, cfg, cpu, False, "reference", (0, 2))
+        second, _, _ = embed_videos(model, videos, cfg, cpu, False, "reference", (1, 2))
+        both, kept_both, _ = embed_clips(model, videos, cfg, cpu, False, "reference")
+    assert kept_both == kept == list(range(12))
+    assert not torch.allclose(first, second)  # the two clips see other frames
+    assert torch.allclose(both, F.normalize(first + second, dim=-1), atol=1e-6)
+    result = _eval(released, "ours", tmp_path, "eval.num_clips=2", "eval.dual_softmax=true")
+    assert result["num_clips"] == 2 and result["dsl"]["temperature"] == 100.0
+    assert set(result["dsl"]["t2v"]) == {"R1", "R5", "R10", "MedR", "MeanR"}
