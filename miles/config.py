@@ -63,12 +63,9 @@ class ModelConfig:
     )
     projection_dim: int = 256
     video_weights: str = ""  # optional checkpoint for the video encoder (timm ViT or MILES/Frozen keys)
-    init_checkpoint: str = (
-        ""  # the whole model from a checkpoint: ours, released MILES/Frozen/MCQ, safetensors
-    )
-    allow_partial_init: bool = (
-        False  # init_checkpoint may lack towers (they stay random, and the log says so)
-    )
+    init_checkpoint: str = ""  # the whole model from a file: ours, released MILES/Frozen/MCQ, safetensors
+    allow_partial_init: bool = False  # init_checkpoint may lack towers (they stay random; the log says so)
+    grad_checkpointing: bool = False  # recompute each block in backward (video, text): less memory
 
 
 @dataclass
@@ -109,6 +106,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    tensorboard: bool = True  # also log every scalar to <out>/tensorboard (when the package is installed)
     threads: int = 0  # torch CPU threads; 0 = torch's default
     nonfinite: str = "stop"  # a NaN/inf loss or gradient norm: stop (error) | skip (drop that update)
     max_nonfinite_skips: int = 5  # with nonfinite=skip: this many non-finite steps in a row stop the run

@@ -48,6 +48,15 @@ class MilesModel(nn.Module):
         if m.video_weights:
             load_video_weights(self.video_model, m.video_weights)
         self.text_model, self.tokenizer, text_dim = build_text_encoder(m.text_model)
+        if m.grad_checkpointing:
+            self.video_model.grad_checkpointing = True
+            if not getattr(self.text_model, "supports_gradient_checkpointing", False):
+                raise ValueError(f"model.grad_checkpointing: text model {m.text_model} does not support it")
+            kwargs = {"use_reentrant": False}
+            if hasattr(self.text_model, "activation_checkpointing_enable"):  # newer transformers
+                self.text_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                self.text_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self.txt_proj = nn.Sequential(nn.ReLU(), nn.Linear(text_dim, m.projection_dim))
         self.vid_proj = nn.Sequential(nn.Linear(m.embed_dim, m.projection_dim))
         self.predictor = (

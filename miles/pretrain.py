@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from miles.released import (
     read_checkpoint_file,
     save_safetensors,
 )
-from miles.train import Trainer, seed_everything, truncate_log, write_config
+from miles.train import Trainer, peak_memory_mb, seed_everything, truncate_log, write_config
 
 log = logging.getLogger("miles")
 
@@ -124,12 +123,6 @@ def check_val_readable(cfg: Config, source: DataSource, main: bool) -> None:
         raise ConfigError(problem)
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def _find_resume_point(ckpt_dir: Path, main: bool) -> tuple[Path, dict[str, Any]] | None:
     """Rank 0 picks the newest readable checkpoint (passing over damaged ones); every rank loads it."""
     found = ckpt.load_latest(ckpt_dir) if main else None
@@ -207,11 +200,14 @@ def run_pretraining(
         untrained = evaluate(trainer.model, val_entries, cfg, dist.device, classes, progress=main)
         if main:
             _write_json(metrics_path, {"untrained": untrained})
+            trainer.log_scalars("eval_untrained", _scalars_of(untrained), step=0)
     barrier()
     summary = trainer.fit()
     result: dict[str, Any] = {}
     trained = evaluate(trainer.model, val_entries, cfg, dist.device, classes, progress=main)  # all ranks
     if main:
+        trainer.log_scalars("eval", _scalars_of(trained))
+        trainer.close()
         result = {
             "t2v": trained["t2v"],
             "v2t": trained["v2t"],
@@ -258,6 +254,11 @@ def run_pretraining(
         )
     barrier()
     return result
+
+
+def _scalars_of(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The metric groups of an evaluation, for TensorBoard (not its lists of paths or protocol)."""
+    return {k: metrics[k] for k in ("t2v", "v2t", "zeroshot", "dsl") if isinstance(metrics.get(k), dict)}
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import random
+import resource
 import signal
 import time
 from collections.abc import Iterator
@@ -40,6 +41,12 @@ from miles.snapshot import SnapshotEncoder
 from miles.stop import GracefulStop, NonFiniteError, StopRequested
 
 log = logging.getLogger("miles")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def seed_everything(seed: int) -> None:
@@ -228,6 +235,7 @@ class Trainer:
         )
         self.nonfinite_in_a_row = 0
         self.stop = GracefulStop()
+        self._tb: Any = None  # TensorBoard writer, opened on first use (rank 0)
 
     # ----------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -382,8 +390,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         losses = np.zeros(3)
         clips = 0
+        data_wait = 0.0
         for micro in range(cfg.train.grad_accum):
+            waited = time.perf_counter()
             batch = stream.next()
+            data_wait += time.perf_counter() - waited
             for path in batch.get("skipped", []):
                 if path not in self.state.skipped:
                     self.state.skipped.add(path)
@@ -416,6 +427,7 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"],
             "clips": clips * self.dist.world_size,
             "skipped_update": 0.0 if finite else 1.0,
+            "data_wait_s": data_wait,  # this rank's time blocked on the loader in this step
             "stop": stop,
         }
 
@@ -481,9 +493,11 @@ class Trainer:
                         clips_s=f"{last['clips_per_s']:.1f}",
                     )
                     if self.state.step % t.log_every == 0 or self.state.step == t.max_steps:
+                        last["peak_memory_mb"] = peak_memory_mb(self.device)
                         record = {"step": self.state.step, "epoch": self.state.position.epoch, **last}
                         log_file.write(json.dumps(record) + "\n")  # type: ignore[union-attr]
                         log_file.flush()  # type: ignore[union-attr]
+                        self.log_scalars("train", last)
                 saved = None
                 if self.state.step % t.checkpoint_every == 0 or self.state.step == t.max_steps:
                     saved = self.save()
@@ -505,6 +519,36 @@ class Trainer:
             "skipped_videos": sorted(set().union(*all_gather_objects(self.state.skipped))),
         }
 
+    def log_scalars(self, prefix: str, values: dict[str, Any], step: int | None = None) -> None:
+        """Numbers of `values` (nested dicts flattened with `_`) to TensorBoard as `prefix/name`, rank 0.
+
+        log.jsonl stays the record; this is a view of it (and of the evaluation metrics)."""
+        writer = self._tensorboard()
+        if writer is None:
+            return
+        step = self.state.step if step is None else step
+        for name, value in _flatten(values):
+            writer.add_scalar(f"{prefix}/{name}", value, step)
+        writer.flush()
+
+    def _tensorboard(self) -> Any:
+        if self._tb is None and self.cfg.train.tensorboard and self.dist.rank == 0:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                log.warning("train.tensorboard: the tensorboard package is not installed; log.jsonl only")
+                self.cfg.train.tensorboard = False
+                return None
+            # a resumed run drops the events the interrupted one wrote after its checkpoint
+            purge = self.state.step + 1 if self.state.step else None
+            self._tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=purge)
+        return self._tb
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
     def _crash(self, log_file: Any) -> None:
         """Testing aid (train.crash_at_step): this process signals itself, as a scheduler would."""
         if self.cfg.train.crash_signal == "KILL" and log_file is not None:
@@ -520,6 +564,14 @@ class Trainer:
             f"{self.cfg.train.max_steps}; checkpoint {path} written. The same command with --resume "
             "continues exactly",
         )
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
+    for key, value in values.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}_")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            yield f"{prefix}{key}", float(value)
 
 
 def truncate_log(path: Path, step: int) -> None:

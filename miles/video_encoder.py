@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
+from torch.utils.checkpoint import checkpoint
 
 import kernels
 from miles.attention import DividedAttention
@@ -92,6 +93,7 @@ class SpaceTimeTransformer(nn.Module):
             for i in range(depth)
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.grad_checkpointing = False  # model.grad_checkpointing: per-block activation checkpointing
         for tensor in (self.pos_embed, self.temporal_embed, self.cls_token, self.mask_token):
             trunc_normal_(tensor, std=0.02)
         self.apply(_init_weights)
@@ -147,7 +149,11 @@ class SpaceTimeTransformer(nn.Module):
         Features of padded frames are computed (finite) but meaningless: callers ignore them.
         """
         for blk in self.blocks:
-            x = blk(x, frames, frame_mask)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                # recomputed in backward instead of kept: activation memory of one block, not `depth`
+                x = checkpoint(blk, x, frames, frame_mask, use_reentrant=False)
+            else:
+                x = blk(x, frames, frame_mask)
         normed = self.norm(x)
         b = x.shape[0]
         return VideoFeatures(

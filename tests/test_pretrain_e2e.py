@@ -42,6 +42,21 @@ def test_smoke_run_end_to_end(smoke_data: Path, tmp_path: Path) -> None:
     assert [p.name for p in ckpts] == ["step_00000003.pt", "step_00000006.pt"]
     assert not list((run / "checkpoints").glob(".*tmp*"))  # atomic writes leave no temporaries
     assert (run / "config.yaml").is_file()
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert all(r["data_wait_s"] >= 0 and r["peak_memory_mb"] > 0 for r in records)
+
+    # TensorBoard holds every scalar of log.jsonl and the evaluation metrics, at their steps
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    for key in ("loss", "mvm", "lr", "clips_per_s", "data_wait_s", "peak_memory_mb", "grad_norm"):
+        assert [e.step for e in events.Scalars(f"train/{key}")] == list(range(1, 7)), key
+    logged = [e.value for e in events.Scalars("train/loss")]
+    assert logged == pytest.approx([r["loss"] for r in records], rel=1e-6)
+    assert events.Scalars("eval/t2v_R1")[0].value == pytest.approx(metrics["t2v"]["R1"])
+    assert events.Scalars("eval/t2v_R1")[0].step == 6 and "eval_untrained/t2v_R1" in scalars
 
     # `miles eval` on the final checkpoint reproduces the run's own final numbers.
     out = tmp_path / "eval.json"
