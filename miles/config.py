@@ -66,6 +66,7 @@ class ModelConfig:
     init_checkpoint: str = ""  # the whole model from a file: ours, released MILES/Frozen/MCQ, safetensors
     allow_partial_init: bool = False  # init_checkpoint may lack towers (they stay random; the log says so)
     grad_checkpointing: bool = False  # recompute each block in backward (video, text): less memory
+    freeze_text_embeddings: bool = False  # keep the text tower's embeddings as loaded (not trained)
 
 
 @dataclass
@@ -107,6 +108,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     tensorboard: bool = True  # also log every scalar to <out>/tensorboard (when the package is installed)
+    compile: bool = False  # torch.compile the encoders (in place: checkpoint keys unchanged)
+    compile_backend: str = "inductor"  # inductor | aot_eager | eager (the last two: to check the wiring)
     threads: int = 0  # torch CPU threads; 0 = torch's default
     nonfinite: str = "stop"  # a NaN/inf loss or gradient norm: stop (error) | skip (drop that update)
     max_nonfinite_skips: int = 5  # with nonfinite=skip: this many non-finite steps in a row stop the run
@@ -324,6 +327,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.nonfinite": ("stop", "skip"),
     "train.crash_signal": ("KILL", "TERM", "USR1", "INT"),
     "eval.protocol": ("ours", "released"),
+    "train.compile_backend": ("inductor", "aot_eager", "eager"),
 }
 
 

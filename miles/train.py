@@ -200,15 +200,33 @@ class Trainer:
             if cfg.mvm.enabled
             else None
         )
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), betas=(0.9, 0.98), eps=1e-8)
+        if cfg.model.freeze_text_embeddings:  # word / position embeddings: a third of a small text tower
+            for param in self.model.text_model.get_input_embeddings().parameters():
+                param.requires_grad_(False)
+            for name, param in self.model.text_model.named_parameters():
+                if name.startswith("embeddings."):
+                    param.requires_grad_(False)
+        # One fused kernel per parameter group on CUDA instead of a loop of small ones.
+        fused = {"fused": True} if self.device.type == "cuda" else {}
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, cfg), betas=(0.9, 0.98), eps=1e-8, **fused
+        )
         t = cfg.train
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.min_lr_ratio)
         )
+        if cfg.train.compile:
+            # Module.compile() compiles in place, so state_dict keys carry no `_orig_mod.` prefix and
+            # checkpoints load the same either way. The snapshot copy was taken before: compiled alike.
+            towers = [self.model.video_model, self.model.text_model]
+            for module in towers + ([self.snapshot.encoder] if self.snapshot is not None else []):
+                module.compile(backend=cfg.train.compile_backend)
         self.ddp: nn.Module = self.model
         if dist.world_size > 1:
             self.ddp = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: one copy fewer
             )
         self.loader = build_loader(
             data_backend,

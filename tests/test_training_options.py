@@ -1,10 +1,15 @@
-"""model.grad_checkpointing: blocks recomputed in backward, gradients those of the plain run."""
+"""Training options for memory and speed: activation checkpointing, torch.compile, frozen text embeddings."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
+from runs import data_overrides, logged_losses, run_miles
 
 import kernels
+from miles import checkpoint as ckpt
 from miles.config import build_config
 from miles.model import MilesModel
 
@@ -43,3 +48,25 @@ def test_checkpointed_gradients_equal_the_plain_run(minilm_dir) -> None:
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 50
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_compiled_training_with_frozen_text_embeddings(smoke_data: Path, tmp_path: Path) -> None:
+    """train.compile (aot_eager here: the wiring, not inductor's speed) trains like eager, its checkpoints
+    keep our keys, and model.freeze_text_embeddings keeps the text embeddings as loaded."""
+    common = ["pretrain", "--preset", "smoke", *data_overrides(smoke_data), "train.max_steps=3"]
+    common += ["eval.before_training=false", "model.freeze_text_embeddings=true"]
+    run_miles(*common, "--out", str(tmp_path / "eager"))
+    run_miles(
+        *common, "--out", str(tmp_path / "compiled"), "train.compile=true", "train.compile_backend=aot_eager"
+    )
+    eager, compiled = logged_losses(tmp_path / "eager"), logged_losses(tmp_path / "compiled")
+    for (s1, loss1, mvm1), (s2, loss2, mvm2) in zip(eager, compiled, strict=True):
+        assert s1 == s2 and loss2 == pytest.approx(loss1, rel=1e-4) and mvm2 == pytest.approx(mvm1, rel=1e-4)
+    trained = ckpt.load(tmp_path / "compiled" / ckpt.checkpoint_path(Path("checkpoints"), 3))["model"]
+    fresh = MilesModel(build_config("smoke")).state_dict()
+    assert trained.keys() == fresh.keys()  # no `_orig_mod.` anywhere
+    word = "text_model.embeddings.word_embeddings.weight"
+    assert torch.equal(trained[word], fresh[word])  # frozen: the shipped MiniLM embeddings
+    layer = "text_model.encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(trained[layer], fresh[layer])  # the rest of the text tower trained
