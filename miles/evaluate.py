@@ -129,7 +129,7 @@ def embed_videos(
         by_index.update(zip(idx, emb, strict=True))  # the sampler pads ranks with repeats: kept once
         bad.update(paths)
     skipped = sorted(bad)
-    for path in skipped:
+    for path in skipped if get_rank() == 0 else []:  # every rank has the gathered list: say it once
         log.warning("skipped unreadable video %s (left out of the evaluation)", path)
     if not by_index:
         raise RuntimeError("no video of the evaluation set could be read")

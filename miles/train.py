@@ -201,11 +201,9 @@ class Trainer:
             else None
         )
         if cfg.model.freeze_text_embeddings:  # word / position embeddings: a third of a small text tower
-            for param in self.model.text_model.get_input_embeddings().parameters():
-                param.requires_grad_(False)
-            for name, param in self.model.text_model.named_parameters():
-                if name.startswith("embeddings."):
-                    param.requires_grad_(False)
+            text = self.model.text_model
+            embeddings = getattr(text, "embeddings", None) or text.get_input_embeddings()
+            embeddings.requires_grad_(False)
         # One fused kernel per parameter group on CUDA instead of a loop of small ones.
         fused = {"fused": True} if self.device.type == "cuda" else {}
         self.optimizer = torch.optim.AdamW(
@@ -254,6 +252,7 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.stop = GracefulStop()
         self._tb: Any = None  # TensorBoard writer, opened on first use (rank 0)
+        self._tb_missing = False  # the package is not installed: warned once
 
     # ----------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -273,8 +272,10 @@ class Trainer:
         }
 
     def _check_finite_weights(self) -> None:
-        bad = [name for name, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
-        if bad:
+        named = list(self.model.named_parameters())
+        finite = torch.stack([torch.isfinite(p).all() for _, p in named])  # one host sync, not one each
+        if not bool(finite.all()):
+            bad = [name for (name, _), ok in zip(named, finite.tolist(), strict=True) if not ok]
             raise NonFiniteError(
                 f"after step {self.state.step} the weights hold NaN/inf ({len(bad)} tensors, first: "
                 f"{bad[0]}); not saving them over a good checkpoint. Last good checkpoint: "
@@ -550,12 +551,12 @@ class Trainer:
         writer.flush()
 
     def _tensorboard(self) -> Any:
-        if self._tb is None and self.cfg.train.tensorboard and self.dist.rank == 0:
+        if self._tb is None and self.cfg.train.tensorboard and self.dist.rank == 0 and not self._tb_missing:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 log.warning("train.tensorboard: the tensorboard package is not installed; log.jsonl only")
-                self.cfg.train.tensorboard = False
+                self._tb_missing = True
                 return None
             # a resumed run drops the events the interrupted one wrote after its checkpoint
             purge = self.state.step + 1 if self.state.step else None
