@@ -22,9 +22,18 @@ from kernels.tube_mask import hidden_indices, num_hidden, tube_mask_reference
 
 IMPLS = ("auto", "reference", "triton")
 TUBE_MASK_IMPLS = ("auto", "reference", "triton")
+# Every MVM mask type, with (blockwise, one mask per frame): the Triton kernel serves all four.
+MASK_TYPES: dict[str, tuple[bool, bool]] = {
+    "block_tube": (True, False),
+    "random_tube": (False, False),
+    "block_frame": (True, True),
+    "random_frame": (False, True),
+}
 
 __all__ = [
     "tube_mask",
+    "mvm_mask",
+    "MASK_TYPES",
     "drop_tokens",
     "restore_tokens",
     "hidden_indices",
@@ -89,15 +98,55 @@ def tube_mask(
     device: torch.device | str | None = None,
     impl: str = "auto",
     min_area: int = 4,
+    blockwise: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mask [B, N] bool, True = hidden in every frame; visible [B, K] int64 sorted)."""
     _check_impl(impl, TUBE_MASK_IMPLS)
     dev = torch.device(device) if device is not None else torch.device("cpu")
+    args = dict(seed=seed, step=step, device=dev, min_area=min_area, blockwise=blockwise)
     if _use_triton(impl, dev):  # auto: CUDA + triton; triton: CUDA or interpreter
         from kernels.tube_mask_triton import tube_mask_triton  # lazily: importing triton is not free
 
-        return tube_mask_triton(batch, grid, ratio, seed=seed, step=step, device=dev, min_area=min_area)
-    return tube_mask_reference(batch, grid, ratio, seed=seed, step=step, device=device, min_area=min_area)
+        return tube_mask_triton(batch, grid, ratio, **args)
+    return tube_mask_reference(batch, grid, ratio, **args)
+
+
+def mvm_mask(
+    batch: int,
+    frames: int,
+    grid: tuple[int, int],
+    ratio: float,
+    *,
+    mask_type: str = "block_tube",
+    seed: int,
+    step: int = 0,
+    device: torch.device | str | None = None,
+    impl: str = "auto",
+    min_area: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mask of one MVM step for any of `MASK_TYPES`.
+
+    Tube types: (mask [B, N], visible [B, K]), the same positions hidden in every frame. Frame types:
+    (mask [B, F, N], visible [B, F, K]), frame f of sample b drawn as sample `b * F + f` of a tube mask.
+    """
+    if mask_type not in MASK_TYPES:
+        raise ValueError(f"mask_type must be one of {sorted(MASK_TYPES)}, got {mask_type!r}")
+    blockwise, per_frame = MASK_TYPES[mask_type]
+    rows = batch * frames if per_frame else batch
+    mask, visible = tube_mask(
+        rows,
+        grid,
+        ratio,
+        seed=seed,
+        step=step,
+        device=device,
+        impl=impl,
+        min_area=min_area,
+        blockwise=blockwise,
+    )
+    if per_frame:
+        return mask.view(batch, frames, -1), visible.view(batch, frames, -1)
+    return mask, visible
 
 
 def drop_tokens(

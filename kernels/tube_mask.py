@@ -9,6 +9,10 @@ that is the "tube". Blocks come from BEiT-style random rectangles (placed on the
 the positions of each sample are ranked by an integer key (the priority of the first rectangle that
 covers it, then a hash) and the `round(ratio * N)` highest keys are hidden, which gives an exact count
 and whole blocks.
+
+The ablations' other mask types reuse this one generator: `random_tube` ranks positions by the hash
+alone (`blockwise=False`); the per-frame types (`block_frame`, `random_frame`) treat every (sample,
+frame) pair as its own sample, `B * F` rows, so each frame gets an independent mask of the same size.
 """
 
 from __future__ import annotations
@@ -94,14 +98,46 @@ def tube_mask_reference(
     step: int = 0,
     device: torch.device | str | None = None,
     min_area: int = 4,
+    blockwise: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (mask [B, N] bool, True = hidden; visible [B, K] int64 sorted ascending)."""
-    gh, gw = grid
+    """Returns (mask [B, N] bool, True = hidden; visible [B, K] int64 sorted ascending).
+
+    `blockwise=False` hides uniformly random positions instead of whole rectangles: the same hash jitter
+    ranks them, so both variants share one code path and one Triton kernel.
+    """
     n, m, _ = mask_sizes(batch, grid, ratio)
     device = torch.device(device) if device is not None else torch.device("cpu")
     if m == 0:
         return nothing_hidden(batch, n, device)
     samples = torch.arange(batch, device=device, dtype=torch.int64)
+    pos = torch.arange(n, device=device, dtype=torch.int64)
+    jitter = counter_hash(seed, step, samples[:, None].expand(batch, n), pos[None, :] + 4 * NUM_RECTANGLES)
+    if blockwise:
+        best = _rectangle_priority(seed, step, samples, pos, grid, n, m, min_area)
+        key = (best << 32) | jitter  # unique with overwhelming probability; ties fall back to position
+    else:
+        key = jitter
+    order = torch.argsort(key, dim=1, descending=True, stable=True)
+    hidden = order[:, :m]
+    mask = torch.zeros(batch, n, dtype=torch.bool, device=device)
+    mask.scatter_(1, hidden, True)
+    visible = order[:, m:].sort(dim=1).values  # no nonzero(): its data-dependent shape syncs the host
+    return mask, visible
+
+
+def _rectangle_priority(
+    seed: int,
+    step: int,
+    samples: torch.Tensor,
+    pos: torch.Tensor,
+    grid: tuple[int, int],
+    n: int,
+    m: int,
+    min_area: int,
+) -> torch.Tensor:
+    """[B, N]: R - (index of the first of the sample's R rectangles covering the position), 0 if none."""
+    gh, gw = grid
+    device = samples.device
 
     # Rectangles: area in [min_area, max_area], aspect within [0.3, 3.33], random placement.
     lo_area, max_area = rectangle_areas(n, m, min_area)
@@ -121,21 +157,12 @@ def tube_mask_reference(
     top = _uniform_int(h_top, gh)  # placement wraps around the grid edges (a torus) so that every
     left = _uniform_int(h_left, gw)  # position is hidden equally often; BEiT's clipping favours the centre
 
-    pos = torch.arange(n, device=device, dtype=torch.int64)
     row, col = pos // gw, pos % gw  # [N]
     covered = (((row[None, None, :] - top[..., None]) % gh) < rect_h[..., None]) & (
         ((col[None, None, :] - left[..., None]) % gw) < rect_w[..., None]
     )  # [B, R, N]
     priority = (NUM_RECTANGLES - r)[None, :, None] * covered  # earlier rectangle, higher priority
-    best = priority.amax(dim=1)  # [B, N]; 0 where no rectangle covers
-    jitter = counter_hash(seed, step, samples[:, None].expand(batch, n), pos[None, :] + 4 * NUM_RECTANGLES)
-    key = (best << 32) | jitter  # unique with overwhelming probability; ties fall back to position
-    order = torch.argsort(key, dim=1, descending=True, stable=True)
-    hidden = order[:, :m]
-    mask = torch.zeros(batch, n, dtype=torch.bool, device=device)
-    mask.scatter_(1, hidden, True)
-    visible = order[:, m:].sort(dim=1).values  # no nonzero(): its data-dependent shape syncs the host
-    return mask, visible
+    return priority.amax(dim=1)  # [B, N]; 0 where no rectangle covers
 
 
 def hidden_indices(mask: torch.Tensor, num_hidden: int) -> torch.Tensor:

@@ -110,11 +110,25 @@ def _tube_keys_kernel(
     area_span,
     R: tl.constexpr,
     BLOCK: tl.constexpr,
+    BLOCKWISE: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     base = tl.cast(base_hi, tl.int64) * 65536 + tl.cast(base_lo, tl.int64)  # scalar args may be specialised
     hs = _hash32(base ^ b)  # hash32(base ^ sample)
+    pos = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    ok = pos < n
+    jitter = _hash32(hs ^ (pos + 4 * R))
+    if BLOCKWISE:
+        best = _rectangle_priority(hs, pos, gh, gw, lo_area, area_span, R)
+        key = (best << 32) | jitter
+    else:  # random positions: the jitter alone ranks them
+        key = jitter
+    tl.store(keys_ptr + b * n + pos, key, mask=ok)
 
+
+@triton.jit
+def _rectangle_priority(hs, pos, gh, gw, lo_area, area_span, R: tl.constexpr):
+    """Per position: R - (index of the first of the sample's R rectangles that covers it), 0 if none."""
     r = tl.arange(0, R).to(tl.int64)
     c = r * 4
     h_area = _hash32(hs ^ c)
@@ -130,18 +144,13 @@ def _tube_keys_kernel(
     top = _uniform_int(h_top, gh)
     left = _uniform_int(h_left, gw)
 
-    pos = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    ok = pos < n
     row = pos // gw
     col = pos % gw
     dr = (row[None, :] - top[:, None] + gh) % gh  # non-negative operands: C and Python modulo agree
     dc = (col[None, :] - left[:, None] + gw) % gw
     covered = (dr < rect_h[:, None]) & (dc < rect_w[:, None])  # [R, BLOCK]
     priority = tl.where(covered, R - r[:, None], 0)
-    best = tl.reduce(priority, 0, _MAX)
-    jitter = _hash32(hs ^ (pos + 4 * R))
-    key = (best << 32) | jitter
-    tl.store(keys_ptr + b * n + pos, key, mask=ok)
+    return tl.reduce(priority, 0, _MAX)
 
 
 @triton.jit
@@ -223,6 +232,7 @@ def tube_mask_triton(
     step: int = 0,
     device: torch.device | str | None = None,
     min_area: int = 4,
+    blockwise: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract and bits as `tube_mask_reference`: (mask [B, N] bool, visible [B, K] int64 sorted)."""
     gh, gw = grid
@@ -247,6 +257,7 @@ def tube_mask_triton(
         max_area - lo_area + 1,
         R=NUM_RECTANGLES,
         BLOCK=BLOCK_N,
+        BLOCKWISE=blockwise,
     )
     mask_u8 = torch.empty(batch, n, dtype=torch.uint8, device=device)
     _tube_rank_kernel[(batch, triton.cdiv(n, BLOCK_I))](keys, mask_u8, n, m, BI=BLOCK_I, BJ=BLOCK_J)

