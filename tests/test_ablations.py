@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -240,3 +241,55 @@ def test_no_snapshot_encoder_for_input_targets(smoke_data: Path, tmp_path: Path)
     assert state["snapshot"] is None
     mvm_losses = [mvm for _, _, mvm in logged_losses(out)]
     assert len(mvm_losses) == 2 and all(math.isfinite(x) and x > 0.5 for x in mvm_losses)  # ~1: unit targets
+
+
+# ----------------------------------------------------------------------------------------- miles ablate
+def _record(variant: str, seed: int, r1: float) -> dict:
+    metrics = {"t2v": {"R1": r1, "R5": 50.0, "MedR": 3.0}, "v2t": {"R1": r1}, "zeroshot": {"top1": 40.0}}
+    return {"variant": variant, "overrides": [], "seed": seed, "run": "", "metrics": metrics}
+
+
+def test_summary_states_when_a_difference_is_within_seed_noise() -> None:
+    from miles.ablate import BASELINE, summarise
+
+    records = [_record(BASELINE, 0, 10.0), _record(BASELINE, 1, 12.0)]
+    records += [_record("close", 0, 11.0), _record("close", 1, 13.0)]
+    records += [_record("far", 0, 30.0), _record("far", 1, 32.0)]
+    records += [_record("low", 0, 1.0), _record("low", 1, 2.0)]
+    rows = {row["variant"]: row for row in summarise(records)}
+    assert rows[BASELINE]["t2v R@1"] == pytest.approx((11.0, math.sqrt(2.0)))
+    assert rows["close"]["vs baseline"]["t2v R@1"] == "within seed noise"  # 1 < hypot(1.41, 1.41) = 2
+    assert rows["far"]["vs baseline"]["t2v R@1"] == "better"
+    assert rows["low"]["vs baseline"]["t2v R@1"] == "worse"
+    assert rows["far"]["vs baseline"]["t2v MedR"] == "within seed noise"  # equal ranks
+
+
+def test_miles_ablate_end_to_end_and_resumes(smoke_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ablate"
+    args = [
+        "ablate",
+        "--axis",
+        "snapshot",
+        "--steps",
+        "1",
+        "--seeds",
+        "1",
+        "--preset",
+        "smoke",
+        "--out",
+        str(out),
+    ]
+    run_miles(*args, *data_overrides(smoke_data), timeout=600)
+    report = json.loads((out / "ablation.json").read_text())
+    names = [row["variant"] for row in report["rows"]]
+    assert names[0] == "contrastive only" and len(names) == 4  # baseline, MILES, cosine EMA, copy
+    assert all(math.isfinite(row["t2v R@1"][0]) for row in report["rows"])
+    table = (out / "ablation.md").read_text()
+    assert "| contrastive only |" in table and "one seed: no spread" in table
+    assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finished = {p: p.stat().st_mtime_ns for p in out.glob("*/seed0/metrics.json")}
+    assert len(finished) == 4
+    run_miles(*args, *data_overrides(smoke_data), timeout=120)  # every run done: nothing is repeated
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed0/metrics.json")} == finished
+    refused = run_miles(*args, *data_overrides(smoke_data), "train.lr=0.001", check=False)
+    assert refused.returncode == 2 and "another configuration" in refused.stderr
