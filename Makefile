@@ -17,7 +17,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/miles pretrain
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=20 tests
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/miles bench --suite all
