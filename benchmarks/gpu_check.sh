@@ -8,8 +8,8 @@
 # Env:   PY (python, default .venv/bin/python), KERNEL_TESTS_TIMEOUT (s, compiled-kernel tests, default
 #        90), TESTS_TIMEOUT (s, the other CUDA tests, default 90), CUDA_TESTS (their files, default
 #        tests/test_attention.py tests/test_dali_pipeline.py), BENCH_TIMEOUT (s, all benchmarks, default
-#        300), SUITE_TIMEOUT (s per suite, default 150), SUITES (default train_step,kernels,attention,data),
-#        QUICK=1 (smoke rounds).
+#        300), SUITE_TIMEOUT (s per suite, default 150), SUITES (default train_step,kernels,attention,data;
+#        `miles bench` runs the peak suite, test_machine_peak.py, before them), QUICK=1 (smoke rounds).
 # Every stage has a timeout and a failing stage does not stop the next: the report names what failed.
 # Worst case (every stage cut at its timeout) about 8 minutes, inside one 10-minute device command.
 set -uo pipefail
@@ -36,7 +36,8 @@ SUITE_TIMEOUT=${SUITE_TIMEOUT:-150}
 SUITES=${SUITES:-train_step,kernels,attention,data}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 mkdir -p "$OUT"
-rm -f "$OUT"/kernels.json "$OUT"/attention.json "$OUT"/data.json "$OUT"/train_step.json "$OUT"/*-tests.*
+rm -f "$OUT"/peak.json "$OUT"/kernels.json "$OUT"/attention.json "$OUT"/data.json "$OUT"/train_step.json \
+    "$OUT"/*-tests.*
 NOTES=()
 
 echo "== device"

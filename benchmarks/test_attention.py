@@ -3,6 +3,8 @@ forward + backward: the einsum reference against SDPA and xformers, at the `demo
 on the full grid (`bert`, K = N tokens per frame) and after token dropping (`drop`, K visible at 0.75).
 
 Every backend gets the same weights and the same input in the same run. The xformers cases need CUDA.
+`flops` (one forward + backward) are counted once per case on the reference backend and recorded on every
+backend: the math is the same, and the FLOP counter cannot see inside CPU SDPA or xformers.
 """
 
 from __future__ import annotations
@@ -11,7 +13,14 @@ import pytest
 import torch
 
 import miles.attention as attention
-from benchmarks.conftest import bench_rounds, pair, peak_memory_info, reset_peak_memory
+from benchmarks.conftest import (
+    bench_rounds,
+    count_flops,
+    pair,
+    peak_memory_info,
+    record_work,
+    reset_peak_memory,
+)
 from kernels import num_hidden
 from miles.attention import DividedAttention
 
@@ -19,6 +28,7 @@ FRAMES, RATIO = 4, 0.75
 # preset: (embed dim, heads, grid side, CPU batch, CUDA batch), as in miles/configs/{demo,base}.yaml.
 SHAPES = {"demo": (128, 4, 6, 32, 128), "base": (768, 12, 14, 2, 32)}
 BACKENDS = ["reference", "sdpa", "xformers"]
+_FLOPS: dict[tuple[str, str, str], int] = {}  # (preset, mode, device) -> FLOPs of one step, counted once
 
 
 def _skip_unless_runnable(backend: str, device: torch.device) -> None:
@@ -32,6 +42,30 @@ def _skip_unless_runnable(backend: str, device: torch.device) -> None:
         ok, why = probe(device) if probe is not None else (True, "")
         if not ok:
             pytest.skip(why)
+
+
+def _block(backend: str, dim: int, heads: int, batch: int, k: int, device: torch.device, dtype: torch.dtype):
+    """Temporal then spatial attention with residuals: (forward, input, output gradient, parameters)."""
+    torch.manual_seed(0)  # same weights for every backend
+    time_attn = DividedAttention(dim, heads, backend=backend).to(device, dtype)
+    space_attn = DividedAttention(dim, heads, backend=backend).to(device, dtype)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    x = torch.randn(batch, 1 + FRAMES * k, dim, generator=g).to(device, dtype).requires_grad_()
+    grad_out = torch.randn(x.shape, generator=g).to(device, dtype)
+
+    def forward() -> torch.Tensor:
+        h = x + time_attn(x, FRAMES, "time")
+        return h + space_attn(h, FRAMES, "space")
+
+    return forward, x, grad_out, [*time_attn.parameters(), *space_attn.parameters()]
+
+
+def _reference_flops(
+    dim: int, heads: int, batch: int, k: int, device: torch.device, dtype: torch.dtype
+) -> int:
+    """FLOPs of one forward + backward, on the reference (`backward()`: the counter refuses autograd.grad)."""
+    forward, _, grad_out, _ = _block("reference", dim, heads, batch, k, device, dtype)
+    return count_flops(lambda: forward().backward(grad_out))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -50,19 +84,13 @@ def test_divided_attention(benchmark, preset: str, mode: str, backend: str, devi
         backend,
     )
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-
-    torch.manual_seed(0)  # same weights for every backend
-    time_attn = DividedAttention(dim, heads, backend=backend).to(device, dtype)
-    space_attn = DividedAttention(dim, heads, backend=backend).to(device, dtype)
-    g = torch.Generator(device="cpu").manual_seed(1)
-    x = torch.randn(batch, 1 + FRAMES * k, dim, generator=g).to(device, dtype).requires_grad_()
-    grad_out = torch.randn(x.shape, generator=g).to(device, dtype)
-    params = [*time_attn.parameters(), *space_attn.parameters()]
+    key = (preset, mode, str(device))
+    if key not in _FLOPS:
+        _FLOPS[key] = _reference_flops(dim, heads, batch, k, device, dtype)
+    forward, x, grad_out, params = _block(backend, dim, heads, batch, k, device, dtype)
 
     def step() -> None:
-        h = x + time_attn(x, FRAMES, "time")
-        out = h + space_attn(h, FRAMES, "space")
-        torch.autograd.grad(out, [x, *params], grad_out)
+        torch.autograd.grad(forward(), [x, *params], grad_out)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
@@ -73,3 +101,4 @@ def test_divided_attention(benchmark, preset: str, mode: str, backend: str, devi
         preset=preset, mode=mode, batch=batch, clips_per_s=batch / benchmark.stats.stats.mean
     )
     benchmark.extra_info.update(peak_memory_info(device))
+    record_work(benchmark, flops=_FLOPS[key], compute_dtype=dtype)

@@ -1,8 +1,9 @@
 """Each token kernel against its PyTorch reference at the `base` shapes, with the device copy as the
 bandwidth yardstick (B=32..128, F=4, N=196, C=768, ratio 0.75).
 
-`extra_info` carries GB/s (bytes a perfect kernel must move / time). The Triton cases need CUDA: on a CPU
-they skip (the Triton interpreter checks correctness, it is not meant to be fast).
+`extra_info` carries `bytes` (what a perfect kernel must move per call: the report's achieved GB/s and
+% of the copy peak, all of these being memory-bound) and GB/s. The Triton cases need CUDA: on a CPU they
+skip (the Triton interpreter checks correctness, it is not meant to be fast).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 import kernels
-from benchmarks.conftest import bench_rounds, pair
+from benchmarks.conftest import pair, record_work, time_calls
 
 F, N, C, RATIO = 4, 196, 768, 0.75
 BATCHES = [32, 128]
@@ -36,27 +37,11 @@ def _inputs(b: int, device: torch.device, dtype: torch.dtype):
     return x, visible, pos, time
 
 
-# On CUDA a call moves tens of MB in microseconds: one host sync per call would time the launch and the
-# sync, not the kernel. Each timed round runs this many calls and synchronises once, after the last.
-CUDA_CALLS_PER_ROUND = 25
-
-
-def _timed(benchmark, fn, nbytes: int, device: torch.device) -> None:
-    calls = CUDA_CALLS_PER_ROUND if device.type == "cuda" else 1
-    done = [0]
-
-    def run() -> None:
-        fn()
-        done[0] += 1
-        if device.type == "cuda" and done[0] % calls == 0:
-            torch.cuda.synchronize(device)
-
-    for _ in range(calls):  # compile / warm up, ending on a sync
-        run()
-    rounds = bench_rounds(device, cpu=3, cuda=10)
-    benchmark.pedantic(run, rounds=rounds, iterations=calls, warmup_rounds=1)
+def _timed(benchmark, fn, nbytes: int, device: torch.device, dtype: torch.dtype | None = None) -> None:
+    """Time per call; record the bytes a perfect kernel moves (the report compares them with copy)."""
+    time_calls(benchmark, fn, device, cpu=3, cuda=10)
     benchmark.extra_info["gb_per_s"] = nbytes / benchmark.stats.stats.mean / 1e9
-    benchmark.extra_info["bytes"] = nbytes
+    record_work(benchmark, nbytes=nbytes, compute_dtype=dtype)
 
 
 @pytest.mark.parametrize("b", BATCHES)
@@ -67,7 +52,7 @@ def test_copy_bandwidth(benchmark, b: int, device: torch.device) -> None:
     k = N - kernels.num_hidden(N, RATIO)
     src = torch.randn(b, F, k, C, device=device, dtype=dtype)
     dst = torch.empty_like(src)
-    _timed(benchmark, lambda: dst.copy_(src), 2 * src.numel() * src.element_size(), device)
+    _timed(benchmark, lambda: dst.copy_(src), 2 * src.numel() * src.element_size(), device, dtype)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -79,7 +64,8 @@ def test_drop_tokens(benchmark, impl: str, b: int, device: torch.device) -> None
     x, visible, pos, time = _inputs(b, device, dtype)
     k = visible.shape[1]
     nbytes = 2 * b * F * k * C * x.element_size()  # read the kept rows, write them
-    _timed(benchmark, lambda: kernels.drop_tokens(x, visible, pos, time, impl=impl), nbytes, device)
+    drop = lambda: kernels.drop_tokens(x, visible, pos, time, impl=impl)  # noqa: E731
+    _timed(benchmark, drop, nbytes, device, dtype)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -93,17 +79,19 @@ def test_restore_tokens(benchmark, impl: str, b: int, device: torch.device) -> N
     y = x[:, :, :k].contiguous()
     token = torch.randn(C, device=device, dtype=dtype)
     nbytes = b * F * (k + N) * C * x.element_size()  # read the kept rows, write the full grid
-    _timed(benchmark, lambda: kernels.restore_tokens(y, visible, token, pos, time, impl=impl), nbytes, device)
+    restore = lambda: kernels.restore_tokens(y, visible, token, pos, time, impl=impl)  # noqa: E731
+    _timed(benchmark, restore, nbytes, device, dtype)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_tube_mask(benchmark, impl: str, device: torch.device) -> None:
     _skip_unless_runnable(impl, device)
     pair(benchmark, "tube_mask B=128", _side(impl), impl)
-    _timed(
+    k = N - kernels.num_hidden(N, RATIO)
+    _timed(  # it reads nothing: it writes the bool mask [B, N] and the int64 visible indices [B, K]
         benchmark,
         lambda: kernels.tube_mask(128, (14, 14), RATIO, seed=0, step=1, device=device, impl=impl),
-        128 * N,
+        128 * N + 128 * k * 8,
         device,
     )
 
@@ -131,4 +119,4 @@ def test_masked_feature_loss(benchmark, impl: str, device: torch.device) -> None
         loss = kernels.masked_feature_loss(pred, target, hidden, impl=impl)
         torch.autograd.grad(loss, (pred,))
 
-    _timed(benchmark, step, nbytes, device)
+    _timed(benchmark, step, nbytes, device, dtype)

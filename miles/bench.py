@@ -5,6 +5,12 @@ group is the case, `extra_info["path"]` says reference / fast / yardstick and `e
 the variant. `write_report` turns any set of pytest-benchmark JSON files into `REPORT.md` (one row per
 fast variant: its speed-up over the reference of the same case, same inputs, same run) and `ratios.png`.
 It is used on its own by `benchmarks/gpu_check.sh`, with the CUDA test results added.
+
+Utilisation: the peak suite (`benchmarks/test_machine_peak.py`, path "peak") runs before the selected
+suites, so every row can say how close its achieved GFLOP/s or GB/s (`extra_info` `flops` / `bytes` of one
+call over the median time) comes to this machine's matching peak from the same run: the fp32 or bf16
+matmul rate for compute, the copy bandwidth for memory. The peaks are pytest-benchmark cases rather than
+numbers measured here so they share the suites' timer, JSON file, machine description and merging.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+PEAK_SUITE = ("peak", "test_machine_peak.py")  # always run, first, with whichever suites are selected
 SUITES = {
     "kernels": "test_kernels.py",
     "attention": "test_attention.py",
@@ -31,16 +38,28 @@ SUITES = {
 REPORT_NAME = "REPORT.md"
 CHART_NAME = "ratios.png"
 SPEEDUP_HEADER = "speed-up (reference time / fast time)"
+ACHIEVED_HEADER = "achieved ref / fast"
+PERCENT_HEADER = "% of peak ref / fast"
+LIMIT_HEADER = "limit (peak)"
 TABLE_HEADER = [
     "case",
     "fast variant",
     "reference",
     "fast",
     SPEEDUP_HEADER,
+    ACHIEVED_HEADER,
+    PERCENT_HEADER,
+    LIMIT_HEADER,
     "peak memory ref / fast",
     "machine",
     "date",
 ]
+COMPUTE_DTYPES = ("fp32", "bf16")
+MEMORY = "memory"
+PEAK_LIMITS = (*(f"compute {d}" for d in COMPUTE_DTYPES), MEMORY)  # the limits a peak case measures
+LIMITS = (*PEAK_LIMITS, "decode/I-O")  # as in benchmarks/conftest.py
+DASH = "–"
+NO_PEAK = "(no peak measured)"
 
 
 class BenchError(RuntimeError):
@@ -125,6 +144,7 @@ def _load(paths: list[Path], machine: str | None) -> _Runs:
         for b in data["benchmarks"]:
             extra = dict(b.get("extra_info") or {})
             fullname = b.get("fullname") or b["name"]
+            _check_work(extra, f"{path}: benchmark {fullname}")
             old = runs.timings.get(f"{short}::{fullname}")
             if old is not None and old.stamp > stamp:
                 continue
@@ -157,6 +177,103 @@ def _load(paths: list[Path], machine: str | None) -> _Runs:
                 else:
                     del runs.timings[name]
     return runs
+
+
+def _check_work(extra: dict[str, Any], where: str) -> None:
+    """The utilisation keys of one benchmark are usable, or a BenchError says which and how to fix it."""
+    fix = "set them with benchmarks.conftest.record_work()"
+    for key in ("flops", "bytes"):
+        value = extra.get(key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+        ):
+            raise BenchError(f"{where}: extra_info[{key!r}] = {value!r} is not a positive number; {fix}")
+    dtype = extra.get("compute_dtype")
+    if dtype is not None and dtype not in COMPUTE_DTYPES:
+        raise BenchError(
+            f"{where}: extra_info['compute_dtype'] = {dtype!r}; use one of {', '.join(COMPUTE_DTYPES)}"
+        )
+    if extra.get("flops") is not None and dtype is None:
+        raise BenchError(f"{where}: extra_info has 'flops' but no 'compute_dtype' (fp32 or bf16); {fix}")
+    limit = extra.get("limit")
+    if limit is not None and limit not in LIMITS:
+        raise BenchError(f"{where}: extra_info['limit'] = {limit!r}; use one of {', '.join(LIMITS)}")
+
+
+def _achieved(t: _Timing) -> dict[str, float]:
+    """Work per second at the median time, per limit it can be held against: {limit: FLOP/s or B/s}."""
+    found = {}
+    if t.extra.get("flops") is not None:
+        found[f"compute {t.extra['compute_dtype']}"] = float(t.extra["flops"]) / t.median_s
+    if t.extra.get("bytes") is not None:
+        found[MEMORY] = float(t.extra["bytes"]) / t.median_s
+    return found
+
+
+def _machine_peaks(runs: _Runs) -> dict[tuple[str, str], tuple[float, _Timing]]:
+    """(machine, limit) -> (the best rate among that machine's peak cases, the case)."""
+    best: dict[tuple[str, str], tuple[float, _Timing]] = {}
+    for t in runs.timings.values():
+        if t.path != "peak":
+            continue
+        for limit, rate in _achieved(t).items():
+            key = (t.machine, limit)
+            if key not in best or rate > best[key][0]:
+                best[key] = (rate, t)
+    return best
+
+
+@dataclass
+class _Use:
+    """One timing held against its limit: rate (FLOP/s or B/s) and fraction of the machine's peak."""
+
+    limit: str
+    rate: float | None
+    fraction: float | None
+
+
+def _use(t: _Timing | None, peaks: dict[tuple[str, str], tuple[float, _Timing]]) -> _Use | None:
+    """The binding limit of a timing: the stated one, else the one closest to its peak (a roofline)."""
+    if t is None:
+        return None
+    rates = _achieved(t)
+    stated = t.extra.get("limit")
+    if stated is not None:
+        rates = {stated: rates[stated]} if stated in rates else {}
+        if not rates:
+            return _Use(stated, None, None)
+    if not rates:
+        return None
+    uses = []
+    for limit, rate in rates.items():
+        peak = peaks.get((t.machine, limit))
+        uses.append(_Use(limit, rate, rate / peak[0] if peak else None))
+    # Binding: the largest fraction of its peak; without peaks, compute before memory.
+    return max(uses, key=lambda u: (u.fraction if u.fraction is not None else -1.0, u.limit != MEMORY))
+
+
+def _fmt_rate(values: list[float | None], limit: str) -> str:
+    """'a / b unit' with one unit for both: GB/s for memory, GFLOP/s (TFLOP/s from 1e12) for compute."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return DASH
+    if limit == MEMORY:
+        unit, scale = "GB/s", 1e9
+    else:
+        unit, scale = ("TFLOP/s", 1e12) if max(present) >= 1e12 else ("GFLOP/s", 1e9)
+    cells = [DASH if v is None else _fmt_number(v / scale) for v in values]
+    return " / ".join(cells) + f" {unit}"
+
+
+def _fmt_number(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def _fmt_percent(fraction: float | None) -> str:
+    if fraction is None:
+        return DASH
+    percent = 100 * fraction
+    return f"{percent:.0f}%" if percent >= 10 else f"{percent:.2g}%"
 
 
 def _fmt_time(seconds: float) -> str:
@@ -215,9 +332,36 @@ class ReportRow:
     reference: str
     fast: str
     speedup: float | None
+    achieved: str
+    percent: str
+    limit: str
     peak: str
     machine: str
     date: str
+
+
+def _utilisation(
+    ref: _Timing | None, fast: _Timing | None, peaks: dict[tuple[str, str], tuple[float, _Timing]]
+) -> tuple[str, str, str]:
+    """The achieved, % of peak and limit cells of a row (reference / fast; the limit is the fast side's)."""
+    uses = (_use(ref, peaks), _use(fast, peaks))
+    main = uses[1] or uses[0]
+    if main is None:
+        return DASH, DASH, DASH
+    rated = [u for u in uses if u is not None and u.rate is not None]
+    if not rated:
+        achieved = DASH
+    elif len({u.limit == MEMORY for u in rated}) == 1:  # one unit for both sides
+        achieved = _fmt_rate([u.rate if u else None for u in uses], rated[-1].limit)
+    else:  # compute on one side, memory on the other: each with its own unit
+        achieved = " / ".join(_fmt_rate([u.rate], u.limit) if u else DASH for u in uses)
+    fractions = [u.fraction if u else None for u in uses]
+    percent = DASH if all(f is None for f in fractions) else " / ".join(_fmt_percent(f) for f in fractions)
+    limit = main.limit
+    if limit in PEAK_LIMITS:
+        peak = peaks.get(((fast or ref).machine, limit))
+        limit += f" ({_fmt_rate([peak[0]], limit)})" if peak else f" {NO_PEAK}"
+    return achieved, percent, limit
 
 
 def _rows(runs: _Runs) -> tuple[list[ReportRow], list[_Timing], list[_Timing]]:
@@ -226,6 +370,7 @@ def _rows(runs: _Runs) -> tuple[list[ReportRow], list[_Timing], list[_Timing]]:
     for t in runs.timings.values():
         by_case.setdefault((t.case, t.machine), {}).setdefault(t.path, []).append(t)
     yardsticks = {(t.case, t.machine): t for t in runs.timings.values() if t.path == "yardstick"}
+    limits = _machine_peaks(runs)
     rows, unpaired = [], []
     for case, machine in sorted(by_case):
         sides = by_case[(case, machine)]
@@ -233,7 +378,7 @@ def _rows(runs: _Runs) -> tuple[list[ReportRow], list[_Timing], list[_Timing]]:
         ref = refs[0] if refs else None
         for extra_ref in refs[1:]:
             unpaired.append(extra_ref)
-        for other in set(sides) - {"reference", "fast", "yardstick"}:
+        for other in set(sides) - {"reference", "fast", "yardstick", "peak"}:
             unpaired.extend(sides[other])
         if ref is not None and not fasts:
             fasts = [None]
@@ -243,6 +388,7 @@ def _rows(runs: _Runs) -> tuple[list[ReportRow], list[_Timing], list[_Timing]]:
             peaks = (_peak(ref), _peak(fast))
             peak = " / ".join(p or "–" for p in peaks) + " GiB" if any(peaks) else "–"
             main = fast or ref
+            achieved, percent, limit = _utilisation(ref, fast, limits)
             rows.append(
                 ReportRow(
                     case=case,
@@ -250,6 +396,9 @@ def _rows(runs: _Runs) -> tuple[list[ReportRow], list[_Timing], list[_Timing]]:
                     reference=_fmt_timing(ref, yardsticks) if ref else "missing (see skipped / failed)",
                     fast=_fmt_timing(fast, yardsticks) if fast else "not run (see skipped / failed)",
                     speedup=ref.median_s / fast.median_s if ref and fast else None,
+                    achieved=achieved,
+                    percent=percent,
+                    limit=limit,
                     peak=peak,
                     machine=main.machine,
                     date=main.date,
@@ -261,11 +410,12 @@ def _rows(runs: _Runs) -> tuple[list[ReportRow], list[_Timing], list[_Timing]]:
 def _table(rows: list[ReportRow]) -> list[str]:
     lines = [
         "| " + " | ".join(TABLE_HEADER) + " |",
-        "|" + "|".join(["---"] * 2 + ["---:"] * 4 + ["---"] * 2) + "|",
+        "|" + "|".join(["---"] * 2 + ["---:"] * 5 + ["---", "---:"] + ["---"] * 2) + "|",
     ]
     for r in rows:
         speedup = f"**{r.speedup:.2f}x**" if r.speedup is not None else "–"
-        cells = [r.case, r.label, r.reference, r.fast, speedup, r.peak, r.machine, r.date]
+        cells = [r.case, r.label, r.reference, r.fast, speedup, r.achieved, r.percent, r.limit, r.peak]
+        cells += [r.machine, r.date]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return lines
 
@@ -303,6 +453,32 @@ def _tests_section(junit_paths: list[Path]) -> list[str]:
                     first = message[0][:200] if message else tag
                     lines.append(f"  - FAILED `{case.get('classname')}::{case.get('name')}`: {first}")
     return lines + [""]
+
+
+def _peaks_section(runs: _Runs, rows: list[ReportRow]) -> list[str]:
+    """Each machine's peaks with what measured them, and the machines of the table that have none."""
+    by_machine: dict[str, list[str]] = {}
+    dates: dict[str, str] = {}
+    limits = _machine_peaks(runs)
+    for limit in PEAK_LIMITS:
+        for (machine, kind), (rate, t) in sorted(limits.items()):
+            if kind == limit:
+                text = f"{limit} {_fmt_rate([rate], limit)} ({t.label}, {_fmt_time(t.median_s)})"
+                by_machine.setdefault(machine, []).append(text)
+                dates[machine] = max(dates.get(machine, ""), t.date)
+    lines = [f"- {m}, {dates[m]}: " + "; ".join(parts) for m, parts in sorted(by_machine.items())]
+    for machine in sorted({r.machine for r in rows if r.limit.endswith(NO_PEAK)} - set(by_machine)):
+        lines.append(
+            f"- {machine}: no peak measured (`miles bench` there runs the peak suite with any suite)"
+        )
+    if not lines:
+        return []
+    return [
+        "Peaks (`benchmarks/test_machine_peak.py`, run by `miles bench` before the suites):",
+        "",
+        *lines,
+        "",
+    ]
 
 
 def write_chart(rows: list[ReportRow], path: Path) -> Path:
@@ -369,11 +545,17 @@ def write_report(
         "",
         "Fast path against reference, same inputs in the same run. Times are the median per round "
         "(throughput at that time); speed-up = reference time / fast time, above 1 means the fast path "
-        f"is faster. Peak memory per case: {_peak_kind(all_timings)}.",
+        "is faster. Achieved = the work of one call (FLOPs counted by torch.utils.flop_counter, or the "
+        "bytes a perfect kernel reads and writes) / the median time; % of peak = achieved / this "
+        "machine's peak for the case's limit (compute fp32 or bf16: torch.matmul; memory: a large copy), "
+        "measured in the same run (Peaks, below the table; above 100% of memory, the case's data stays in "
+        "cache). Limit is the bound that applies, with its peak in brackets. "
+        f"Peak memory per case: {_peak_kind(all_timings)}.",
         "",
         *_table(rows),
         "",
     ]
+    lines += _peaks_section(runs, rows)
     if yardsticks:
         lines += ["Yardsticks (bounds, not paired):", ""]
         lines += [f"- {t.case} ({t.label}): {_fmt_timing(t, {})}, {t.machine}, {t.date}" for t in yardsticks]
@@ -404,14 +586,22 @@ def write_report(
 
 
 def suite_files(names: list[str]) -> tuple[dict[str, Path], list[str]]:
-    """The suites to run and notes for the ones that do not exist in this checkout."""
+    """The suites to run (the peak suite first, whatever is asked) and notes on those not in this checkout."""
     if not BENCH_DIR.is_dir():
         raise BenchError(f"{BENCH_DIR}: no benchmarks folder; run `miles bench` from a MILES source checkout")
-    wanted = list(SUITES) if "all" in names else names
+    peak_name, peak_file = PEAK_SUITE
+    wanted = list(SUITES) if "all" in names else [n for n in names if n != peak_name]
     found, notes = {}, []
+    if (BENCH_DIR / peak_file).is_file():
+        found[peak_name] = BENCH_DIR / peak_file
+    else:
+        notes.append(
+            f"suite {peak_name}: {peak_file} does not exist in this checkout, not run (no % of peak)"
+        )
     for name in wanted:
         if name not in SUITES:
-            raise BenchError(f"unknown suite {name!r}; choose from: {', '.join([*SUITES, 'all'])}")
+            choices = ", ".join([*SUITES, peak_name, "all"])
+            raise BenchError(f"unknown suite {name!r}; choose from: {choices}")
         path = BENCH_DIR / SUITES[name]
         if path.is_file():
             found[name] = path
