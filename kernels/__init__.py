@@ -100,7 +100,9 @@ def tube_mask(
     min_area: int = 4,
     blockwise: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask [B, N] bool, True = hidden in every frame; visible [B, K] int64 sorted)."""
+    """(mask [B, N] bool, True = hidden in every frame; visible [B, K] int64 sorted).
+
+    `blockwise=False`: uniformly random positions instead of BEiT-style rectangles (`random_tube`)."""
     _check_impl(impl, TUBE_MASK_IMPLS)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     args = dict(seed=seed, step=step, device=dev, min_area=min_area, blockwise=blockwise)

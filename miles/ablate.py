@@ -11,6 +11,7 @@ interrupted ablation resumes where it stopped (the finished runs' configurations
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -48,8 +49,9 @@ def variants(axis: str, steps: int) -> list[Variant]:
         ],
         "masking": [
             Variant("mask: random tubes", ("mvm.mask_type=random_tube",)),
-            Variant("mask: blocks per frame", ("mvm.mask_type=block_frame",)),
-            Variant("mask: random per frame", ("mvm.mask_type=random_frame",)),
+            # per-frame masks need bert mode (a no-op in the bert presets; said in the row's overrides)
+            Variant("mask: blocks per frame", ("mvm.mask_type=block_frame", "mvm.mode=bert")),
+            Variant("mask: random per frame", ("mvm.mask_type=random_frame", "mvm.mode=bert")),
         ],
         "snapshot": [
             Variant("snapshot: EMA, cosine to 1", ("mvm.ema_schedule=cosine",)),
@@ -96,6 +98,22 @@ def _spread(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else 0.0
 
 
+# Keys the ablation sets itself: a user override of one would be silently replaced, or would make a row's
+# name wrong, so it is refused.
+MANAGED_KEYS = ("train.seed", "train.max_steps", "eval.before_training", "mvm.enabled")
+
+
+def check_overrides(overrides: list[str], chosen: list[Variant]) -> None:
+    varied = {o.split("=", 1)[0] for v in chosen for o in v.overrides}
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        if key in MANAGED_KEYS or key in varied:
+            raise ConfigError(
+                f"override '{text}': miles ablate sets {key} itself in every run (use --steps / --seeds, or "
+                "an --axis that does not vary it)"
+            )
+
+
 def run_config(preset: str, variant: Variant, steps: int, seed: int, overrides: list[str]) -> Config:
     """The configuration of one run; refused here, before any run starts, if any variant is invalid."""
     return build_config(
@@ -123,8 +141,11 @@ def run_ablation(
     if steps < 1 or seeds < 1:
         raise ConfigError(f"--steps and --seeds must be at least 1, got {steps} and {seeds}")
     if pretrain is None:
-        from miles.pretrain import run_pretraining as pretrain
+        from miles.pretrain import run_pretraining
+
+        pretrain = functools.partial(run_pretraining, resume=True)  # an interrupted run continues
     chosen = variants(axis, steps)
+    check_overrides(overrides or [], chosen)
     plan = [(v, s, run_config(preset, v, steps, s, overrides or [])) for v in chosen for s in range(seeds)]
     started = time.perf_counter()
     records: list[dict[str, Any]] = []
@@ -181,7 +202,9 @@ def _finished(run_dir: Path, cfg: Config) -> dict[str, Any] | None:
         return None
     import yaml
 
-    saved = yaml.safe_load(config_path.read_text()) if config_path.is_file() else None
+    if not config_path.is_file():  # metrics without the config it came from: cannot be trusted as this run
+        return None
+    saved = yaml.safe_load(config_path.read_text())
     if saved != json.loads(json.dumps(cfg.to_dict())):
         raise ConfigError(
             f"{run_dir} holds a finished run of another configuration (compare {config_path}); "

@@ -1,4 +1,4 @@
-"""The `miles` command: demo-data, pretrain, eval, convert, data, prepare, bench."""
+"""The `miles` command: demo-data, pretrain, finetune, ablate, eval, convert, data, prepare, bench."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from data_dali.manifest import ManifestError
-from miles.config import ConfigError, available_presets, build_config, check_data_files
+from miles.config import Config, ConfigError, available_presets, build_config, check_data_files
 from miles.stop import EXIT_INTERRUPTED, EXIT_REFUSED, RunFailed, StopRequested
 
 
@@ -40,6 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--train", type=int, default=1200)
     demo.add_argument("--val", type=int, default=200)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--kind",
+        choices=("pretrain", "downstream"),
+        default="pretrain",
+        help="downstream: the retrieval split whose colour x shape pairs and phrasings pre-training lacks",
+    )
 
     pre = sub.add_parser("pretrain", help="pre-train (no arguments: the embedded demo, end to end)")
     pre.add_argument("--preset", default="demo", help=f"one of: {', '.join(available_presets())}")
@@ -60,6 +67,32 @@ def _parser() -> argparse.ArgumentParser:
         help="with --resume: accept a training manifest changed since the checkpoint (restarts the epoch)",
     )
     pre.add_argument("overrides", nargs="*", help="key=value, e.g. train.max_steps=200 mvm.mask_ratio=0.6")
+
+    ft = sub.add_parser(
+        "finetune", help="fine-tune for retrieval from a checkpoint (contrastive; the best checkpoint kept)"
+    )
+    ft.add_argument(
+        "--init", type=Path, required=True, help="ours, released MILES / Frozen-in-Time / MCQ, safetensors"
+    )
+    ft.add_argument("--train", type=Path, default=None, help="training manifest (default: the preset's)")
+    ft.add_argument("--val", type=Path, default=None, help="manifest evaluated every train.eval_every steps")
+    ft.add_argument("--preset", default="finetune_demo", help=f"one of: {', '.join(available_presets())}")
+    ft.add_argument("--config", type=Path, default=None, help="YAML file merged over the preset")
+    ft.add_argument("--out", type=Path, default=None, help="run folder (default runs/<preset>)")
+    ft.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto", help="as for pretrain")
+    ft.add_argument("--allow-data-change", action="store_true", help="as for pretrain")
+    ft.add_argument("--text-model", default=None, help=_TEXT_MODEL_HELP)
+    ft.add_argument("overrides", nargs="*", help="key=value, e.g. train.eval_every=50 mvm.enabled=true")
+
+    abl = sub.add_parser(
+        "ablate", help="the ablations: each variant pre-trained and evaluated alike, a table and a chart"
+    )
+    abl.add_argument("--axis", default="target", help="target | masking | snapshot | all")
+    abl.add_argument("--steps", type=int, default=150, help="pre-training steps of every run")
+    abl.add_argument("--seeds", type=int, default=2, help="runs per variant (train.seed 0, 1, ...)")
+    abl.add_argument("--out", type=Path, default=Path("runs/ablate"), help="runs, ablation.md / .png / .json")
+    abl.add_argument("--preset", default="demo", help=f"one of: {', '.join(available_presets())}")
+    abl.add_argument("overrides", nargs="*", help="key=value applied to every run, e.g. data.num_workers=2")
 
     ev = sub.add_parser("eval", help="retrieval and zero-shot metrics of a checkpoint")
     ev.add_argument("--checkpoint", type=Path, required=True)
@@ -103,7 +136,10 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="run the benchmark suites, write REPORT.md and ratios.png")
     bench.add_argument(
-        "--suite", action="append", default=None, help="kernels|attention|data|train_step|all (default all)"
+        "--suite",
+        action="append",
+        default=None,
+        help="kernels|attention|data|train_step|peak|all (default all; the machine's peaks always run first)",
     )
     bench.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="JSON, report, chart")
     bench.add_argument("--quick", action="store_true", help="one round per case: a smoke run")
@@ -158,7 +194,9 @@ def _run(args: argparse.Namespace) -> int:
         if args.command == "demo-data":
             from data_dali.demo import write_demo_dataset
 
-            paths = write_demo_dataset(args.dir, n_train=args.train, n_val=args.val, seed=args.seed)
+            paths = write_demo_dataset(
+                args.dir, n_train=args.train, n_val=args.val, seed=args.seed, kind=args.kind
+            )
             for name, path in paths.items():
                 print(f"{name}: {path}")
         elif args.command == "pretrain":
@@ -166,12 +204,21 @@ def _run(args: argparse.Namespace) -> int:
             check_data_files(cfg)
             from miles.pretrain import run_pretraining
 
-            run_pretraining(
-                cfg,
-                args.out or Path("runs") / cfg.preset,
-                resume=args.resume is not None,
-                allow_data_change=args.allow_data_change,
+            _run_job(run_pretraining, cfg, args)
+        elif args.command == "finetune":
+            from miles.finetune import finetune_config, run_finetuning
+
+            cfg = finetune_config(
+                args.init, args.preset, args.config, args.overrides, args.train, args.val, args.text_model
             )
+            check_data_files(cfg)
+            _run_job(run_finetuning, cfg, args)
+        elif args.command == "ablate":
+            from miles.ablate import run_ablation
+
+            run_ablation(args.axis, args.steps, args.seeds, args.out, args.preset, args.overrides)
+            print((args.out / "ablation.md").read_text())
+            print(f"chart: {args.out / 'ablation.png'} | every run: {args.out / 'ablation.json'}")
         elif args.command == "eval":
             from miles.pretrain import run_eval
 
@@ -229,6 +276,12 @@ def _run(args: argparse.Namespace) -> int:
     except (ConfigError, ManifestError, FileNotFoundError, ValueError, RuntimeError) as err:
         return _report(err, EXIT_REFUSED)
     return 0
+
+
+def _run_job(job: Callable[..., object], cfg: Config, args: argparse.Namespace) -> None:
+    """A training job (pretrain, finetune) into --out (default runs/<preset>), resumed if asked."""
+    out = args.out or Path("runs") / cfg.preset
+    job(cfg, out, resume=args.resume is not None, allow_data_change=args.allow_data_change)
 
 
 def _report(err: Exception, code: int) -> int:

@@ -18,6 +18,8 @@ import yaml
 
 from data_dali.loaders import DATA_BACKENDS
 from data_dali.shards import is_shard_dir
+from kernels import MASK_TYPES
+from miles.targets import ENCODER_TARGETS, TARGETS
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -33,6 +35,7 @@ class DataConfig:
     val_manifest: str = "data/demo/val.csv"
     classes: str = "data/demo/classes.txt"  # zero-shot class names; "" disables zero-shot
     generate_demo: bool = True  # create the procedural demo set at `root` if the manifests are missing
+    demo_kind: str = "pretrain"  # which demo set generate_demo writes: pretrain | downstream (held out)
     demo_train: int = 1200
     demo_val: int = 200
     video_column: str = "video"
@@ -87,7 +90,11 @@ class MVMConfig:
     predictor_heads: int = 6
     snapshot: str = "ema"  # ema | copy
     ema_momentum: float = 0.999
+    ema_schedule: str = "constant"  # constant | cosine (ema_momentum at step 0 to 1.0 at train.max_steps)
     copy_every: int = 1000  # steps between snapshot copies when snapshot=copy
+    snapshot_precision: str = "auto"  # the snapshot's no-grad pass: auto (as train.precision) | fp32 | bf16
+    target: str = "snapshot"  # what MVM reconstructs: snapshot | frozen | pixel | hog (miles/targets.py)
+    mask_type: str = "block_tube"  # block_tube | random_tube | block_frame | random_frame (bert mode only)
 
 
 @dataclass
@@ -113,6 +120,9 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 = torch's default
     nonfinite: str = "stop"  # a NaN/inf loss or gradient norm: stop (error) | skip (drop that update)
     max_nonfinite_skips: int = 5  # with nonfinite=skip: this many non-finite steps in a row stop the run
+    eval_every: int = 0  # evaluate data.val_manifest every N steps and at the end; 0 = not during training
+    best_metric: str = "t2v_R1+t2v_R5+t2v_R10"  # what picks checkpoints/best.pt: metric names joined by '+'
+    early_stop_patience: int = 0  # stop after this many evaluations without a better best_metric; 0 = never
     crash_at_step: int = 0  # testing aid: signal this process right after that step (0 = never)
     crash_signal: str = "KILL"  # testing aid: KILL | TERM | USR1 | INT, sent by crash_at_step
     crash_rank: int = 0  # testing aid: the rank that signals itself
@@ -307,6 +317,8 @@ RANGES: dict[str, str] = {
     "train.keep_checkpoints": "[1, inf)",
     "train.max_nonfinite_skips": "[1, inf)",
     "train.threads": "[0, inf)",  # 0 = torch's default
+    "train.eval_every": "[0, inf)",  # 0 = no evaluation during training
+    "train.early_stop_patience": "[0, inf)",  # 0 = no early stopping
     "train.crash_at_step": "[0, inf)",
     "train.crash_rank": "[0, inf)",
     "eval.batch_size": "[1, inf)",
@@ -316,6 +328,7 @@ RANGES: dict[str, str] = {
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.backend": DATA_BACKENDS,
+    "data.demo_kind": ("pretrain", "downstream"),
     "model.time_init": ("zeros", "random"),
     "model.attention": ("auto", "xformers", "sdpa", "reference"),
     "mvm.mode": ("bert", "drop"),
@@ -323,12 +336,48 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "mvm.contrastive_input": ("full", "masked"),
     "mvm.loss": ("mse", "smooth_l1"),
     "mvm.snapshot": ("ema", "copy"),
+    "mvm.ema_schedule": ("constant", "cosine"),
+    "mvm.target": TARGETS,
+    "mvm.mask_type": tuple(MASK_TYPES),
     "train.precision": ("auto", "fp32", "bf16"),
+    "mvm.snapshot_precision": ("auto", "fp32", "bf16"),
     "train.nonfinite": ("stop", "skip"),
     "train.crash_signal": ("KILL", "TERM", "USR1", "INT"),
     "eval.protocol": ("ours", "released"),
     "train.compile_backend": ("inductor", "aot_eager", "eager"),
 }
+
+
+# What `train.best_metric` may sum: a name per number of `miles.evaluate.evaluate`'s result (its groups and
+# keys joined by '_', as in TensorBoard) -> where it sits in that result. Ranks are better low, the rest high.
+BEST_METRICS: dict[str, tuple[str, ...]] = {
+    f"{prefix}{side}_{key}": (*path, side, key)
+    for prefix, path in (("", ()), ("dsl_", ("dsl",)))
+    for side in ("t2v", "v2t")
+    for key in ("R1", "R5", "R10", "MedR", "MeanR")
+} | {f"zeroshot_{key}": ("zeroshot", key) for key in ("top1", "top5")}
+
+
+def best_metric_terms(text: str) -> tuple[list[str], bool]:
+    """`train.best_metric` as (metric names, higher is better); refused naming the key and the known names."""
+    by_lower = {name.lower(): name for name in BEST_METRICS}
+    terms = [part.strip() for part in text.split("+")]
+    unknown = [t for t in terms if t.lower() not in by_lower]
+    _require(
+        not unknown,
+        "train.best_metric",
+        f"unknown metric {unknown[0]!r} in {text!r}; give names joined by '+' from: {', '.join(BEST_METRICS)}"
+        if unknown
+        else "",
+    )
+    names = [by_lower[t.lower()] for t in terms]
+    lower = {name.endswith(("MedR", "MeanR")) for name in names}
+    _require(
+        len(lower) == 1,
+        "train.best_metric",
+        f"{text!r} adds ranks (better low) to recalls or accuracies (better high); sum one kind only",
+    )
+    return names, not lower.pop()
 
 
 def _in_interval(value: float, interval: str) -> bool:
@@ -384,7 +433,54 @@ def validate(cfg: Config, *, check_files: bool = False) -> None:
         f"{v.mask_ratio} hides no patch of the {patches}-patch grid while mvm.enabled=true; "
         "raise it or set mvm.enabled=false",
     )
+    _require(
+        v.mode == "bert" or not MASK_TYPES[v.mask_type][1],
+        "mvm.mask_type",
+        f"'{v.mask_type}' hides different positions in each frame, which only mvm.mode=bert can take: "
+        "drop mode keeps the same visible positions in every frame so that spatial attention runs over K "
+        "tokens per frame and temporal attention over each visible position; use a *_tube mask type or "
+        "mvm.mode=bert",
+    )
+    _require(
+        v.target != "hog" or m.patch_size % 2 == 0,
+        "mvm.target",
+        f"'hog' splits every patch into 2 x 2 HOG cells: model.patch_size must be even, got {m.patch_size}",
+    )
+    _require(
+        v.ema_schedule == "constant" or v.snapshot == "ema",
+        "mvm.ema_schedule",
+        f"'{v.ema_schedule}' schedules the EMA momentum, but mvm.snapshot='{v.snapshot}' copies the encoder "
+        "every mvm.copy_every steps; use mvm.snapshot=ema or mvm.ema_schedule=constant",
+    )
+    moving = v.target == "snapshot"
+    updates = (("snapshot", v.snapshot, "ema"), ("ema_schedule", v.ema_schedule, "constant"))
+    for key, value, default in updates:
+        _require(
+            moving or value == default,
+            f"mvm.{key}",
+            f"'{value}' updates a snapshot encoder, but mvm.target='{v.target}' "
+            + ("never updates it" if v.target in ENCODER_TARGETS else "uses none")
+            + f"; set mvm.target=snapshot or leave mvm.{key}={default}",
+        )
     _require("{}" in cfg.eval.prompt, "eval.prompt", "must contain '{}' where the class name goes")
+    t = cfg.train
+    names, _ = best_metric_terms(t.best_metric)
+    for name in names:
+        _require(
+            not name.startswith("zeroshot_") or bool(d.classes),
+            "train.best_metric",
+            f"{name} needs zero-shot evaluation, which data.classes='' turns off; give a class list",
+        )
+        _require(
+            not name.startswith("dsl_") or cfg.eval.dual_softmax,
+            "train.best_metric",
+            f"{name} is a dual-softmax number: set eval.dual_softmax=true",
+        )
+    _require(
+        t.early_stop_patience == 0 or t.eval_every > 0,
+        "train.early_stop_patience",
+        f"{t.early_stop_patience} counts evaluations, and train.eval_every=0 makes none: set eval_every",
+    )
     if check_files:
         check_data_files(cfg)
 

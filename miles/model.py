@@ -107,12 +107,17 @@ class MilesModel(nn.Module):
         `drop` mode runs only the visible tubes and lets the predictor restore the grid. The contrastive
         loss takes the CLS of the unmasked clip from a second pass (`mvm.contrastive_input=full`, what
         evaluation sees) or of the masked pass itself (`masked`, FLIP-style: no extra pass, but a
-        train/test gap). `targets` are the snapshot encoder's features of the unmasked video, [B, F, N, D].
+        train/test gap). `targets` [B, F, N, C] are what MVM reconstructs (`mvm.target`: the snapshot's
+        features of the unmasked video, normalised pixels or HOG; miles/targets.py).
         """
         impl = self.mvm_cfg.kernels
         if mask is not None and visible is None:
             raise ValueError("a mask needs its visible positions too (kernels.tube_mask returns both)")
         drop = mask is not None and self.mvm_cfg.mode == "drop"
+        if drop and mask.ndim != 2:
+            raise ValueError(
+                "drop mode needs a tube mask [B, N]: a per-frame mask leaves no common positions"
+            )
         if drop:
             features = self.video_model.forward_visible(video, visible, impl)
         else:

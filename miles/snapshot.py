@@ -54,7 +54,7 @@ class SnapshotEncoder(nn.Module):
     def momentum_at(self, step: int) -> float:
         """The EMA momentum applied after optimizer step `step` (1-based)."""
         if self.schedule == "cosine":
-            return cosine_momentum(self.momentum, step - 1, self.total_steps)
+            return cosine_momentum(self.momentum, step, self.total_steps)  # 1.0 after the last step
         return self.momentum
 
     def train(self, mode: bool = True) -> SnapshotEncoder:
@@ -79,8 +79,8 @@ class SnapshotEncoder(nn.Module):
 
     @torch.no_grad()
     def targets(self, video: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Last-block patch features of the unmasked video, [B, F, N, D] (bf16 when computed in bf16: the
-        MVM loss computes in fp32 whatever it is given).
+        """Last-block patch features of the unmasked video, [B, F, N, D] (the MVM loss computes in fp32
+        whatever dtype they come in).
 
         `dtype` (`mvm.snapshot_precision`) is the forward's compute dtype whatever autocast the caller
         runs: this no-grad pass over the full grid is about half of a `drop`-mode step's FLOPs, so bf16

@@ -14,7 +14,9 @@ block_norm="L2")` on each colour channel separately (as MaskFeat, rather than sc
 with the largest gradient"): central-difference gradients with zeros on the frame border, unsigned
 orientation hard-binned into 9 bins over [0, 180) degrees, magnitudes averaged per cell, each cell's
 histogram L2-normalised. A patch of side p holds 2 x 2 cells of side p / 2, so its target has
-3 channels x 4 cells x 9 bins = 108 values.
+3 channels x 4 cells x 9 bins = 108 values, scaled by 3 (sqrt of 9 bins) so that they have a mean square
+of about 1, as the layer-normalised snapshot features and the standardised pixels do: the same
+`mvm.weight` then weighs every target alike.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def hog_cells(image: torch.Tensor, cell: int, orientations: int = HOG_ORIENTATIO
 
 
 def hog_targets(video: torch.Tensor, patch: int) -> torch.Tensor:
-    """[B, F, C, H, W] -> [B, F, N, C * 4 * 9]: each patch's HOG cells, channel-major."""
+    """[B, F, C, H, W] -> [B, F, N, C * 4 * 9]: each patch's HOG cells, channel-major, times sqrt(9)."""
     if patch % HOG_CELLS_PER_PATCH_SIDE:
         raise ValueError(f"mvm.target=hog needs an even patch size (2 x 2 HOG cells per patch), got {patch}")
     cell = patch // HOG_CELLS_PER_PATCH_SIDE
@@ -88,7 +90,7 @@ def hog_targets(video: torch.Tensor, patch: int) -> torch.Tensor:
     cells = hog_cells(video, cell)  # [B, F, C, H/cell, W/cell, O]
     k = HOG_CELLS_PER_PATCH_SIDE
     gh, gw = h // patch, w // patch
-    cells = cells.reshape(b, f, c, gh, k, gw, k, HOG_ORIENTATIONS)
+    cells = cells.reshape(b, f, c, gh, k, gw, k, HOG_ORIENTATIONS) * HOG_ORIENTATIONS**0.5
     return cells.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, f, gh * gw, -1)
 
 

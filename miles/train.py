@@ -17,8 +17,8 @@ import random
 import resource
 import signal
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,12 @@ from data_dali.loaders import DataSource, build_loader, data_fingerprint
 from data_dali.reference_loader import set_loader_epoch
 from miles import checkpoint as ckpt
 from miles.checkpoint import CheckpointError
-from miles.config import Config, config_differences
+from miles.config import BEST_METRICS, Config, ConfigError, best_metric_terms, config_differences
 from miles.distributed import DistInfo, all_gather_objects, all_reduce_mean, broadcast_from_main
 from miles.model import MilesModel
 from miles.snapshot import SnapshotEncoder
 from miles.stop import GracefulStop, NonFiniteError, StopRequested
+from miles.targets import ENCODER_TARGETS, input_targets
 
 log = logging.getLogger("miles")
 
@@ -55,11 +56,67 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 instructions that run bf16 matmuls natively
+
+
+def cpu_bf16_flags(cpuinfo: str | None = None) -> list[str]:
+    """The BF16 instruction flags this CPU reports (`/proc/cpuinfo`, or the text given).
+
+    Without one, oneDNN emulates bf16 matmuls and CPU autocast is several times slower than fp32 (on a
+    2-core Zen 3, a 512x768x3072 linear: 5x). Where /proc/cpuinfo cannot be read, torch's own probe."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            probes = {"avx512_bf16": "_is_avx512_bf16_supported", "amx_bf16": "_is_amx_tile_supported"}
+            return [flag for flag, probe in probes.items() if getattr(torch.cpu, probe, lambda: False)()]
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[-1].split())
+    return [flag for flag in BF16_CPU_FLAGS if flag in flags]
+
+
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """`fp32` or `bf16` for `train.precision`: auto is bf16 on CUDA and fp32 on a CPU, also one with BF16
+    instructions (README, "Precision": no CPU speed-up was measured here, so auto does not bet on one)."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"train.precision must be auto, fp32 or bf16, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16:
+    if resolve_precision(device, precision) == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def snapshot_dtype(device: torch.device, train_precision: str, snapshot_precision: str) -> torch.dtype:
+    """The compute dtype of the snapshot's no-grad forward (`mvm.snapshot_precision`; auto: the step's)."""
+    if snapshot_precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"mvm.snapshot_precision must be auto, fp32 or bf16, got {snapshot_precision!r}")
+    chosen = snapshot_precision
+    if chosen == "auto":
+        chosen = resolve_precision(device, train_precision)
+    return torch.bfloat16 if chosen == "bf16" else torch.float32
+
+
+def warn_slow_bf16(device: torch.device, precision: str, snapshot_precision: str = "auto") -> None:
+    """bf16 asked for on a CPU that would emulate it: say so once, with the fix, rather than run slowly."""
+    asked = [
+        f"{key}=bf16"
+        for key, value in (("train.precision", precision), ("mvm.snapshot_precision", snapshot_precision))
+        if value == "bf16"
+    ]
+    if device.type == "cpu" and asked and not cpu_bf16_flags():
+        log.warning(
+            "%s on a CPU without BF16 instructions (no %s in /proc/cpuinfo): bf16 matmuls are emulated, "
+            "several times slower than fp32; set them to fp32 (or auto) on this machine",
+            " and ".join(asked),
+            " / ".join(BF16_CPU_FLAGS),
+        )
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -106,6 +163,38 @@ class RunState:
     step: int = 0
     position: DataPosition = field(default_factory=DataPosition)
     skipped: set[str] = field(default_factory=set)
+
+
+@dataclass
+class BestRecord:
+    """The periodic evaluations so far under `train.best_metric`: what `checkpoints/best.pt` holds, and how
+    many evaluations since have not beaten it. In every checkpoint, so a resumed run goes on counting."""
+
+    metric: str
+    value: float | None = None  # None: no evaluation yet
+    step: int = 0
+    metrics: dict[str, Any] | None = None  # that evaluation's metric groups (t2v, v2t, zeroshot, dsl)
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
+
+
+def metric_groups(result: dict[str, Any]) -> dict[str, Any]:
+    """The metric groups of an evaluation (not its paths, protocol or counts)."""
+    return {k: result[k] for k in ("t2v", "v2t", "zeroshot", "dsl") if isinstance(result.get(k), dict)}
+
+
+def metric_value(result: dict[str, Any], names: list[str]) -> float:
+    """The sum of the named metrics (see `miles.config.BEST_METRICS`) of an evaluation's result."""
+    total = 0.0
+    for name in names:
+        node: Any = result
+        for key in BEST_METRICS[name]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(node, (int, float)):
+            why = "validation videos lack labels" if name.startswith("zeroshot_") else "it was not computed"
+            raise ConfigError(f"config key 'train.best_metric': the evaluation has no {name} ({why})")
+        total += float(node)
+    return total
 
 
 class BatchStream:
@@ -174,6 +263,8 @@ RESUME_KEYS = [
     ("train", "grad_accum"),
     ("train", "seed"),
     ("mvm", "mask_ratio"),
+    ("mvm", "mask_type"),
+    ("mvm", "target"),  # frozen <-> snapshot keep every shape: only this check tells them apart
 ]
 
 
@@ -186,18 +277,27 @@ class Trainer:
         dist: DistInfo,
         model: MilesModel | None = None,
         data_backend: str = "reference",
+        evaluator: Callable[[MilesModel], dict[str, Any]] | None = None,
     ) -> None:
+        """`evaluator` (collective, like `miles.evaluate.evaluate`) runs every `train.eval_every` steps and
+        at the last one; its `train.best_metric` picks `checkpoints/best.pt` and drives early stopping."""
         self.cfg = cfg
         self.out_dir = out_dir
         self.dist = dist
         self.device = dist.device
         seed_everything(cfg.train.seed + dist.rank)
         self.model = (model or MilesModel(cfg)).to(self.device)
+        v = cfg.mvm
         self.snapshot = (
             SnapshotEncoder(
-                self.model.video_model, cfg.mvm.snapshot, cfg.mvm.ema_momentum, cfg.mvm.copy_every
+                self.model.video_model,
+                "frozen" if v.target == "frozen" else v.snapshot,
+                v.ema_momentum,
+                v.copy_every,
+                schedule=v.ema_schedule,
+                total_steps=cfg.train.max_steps,
             ).to(self.device)
-            if cfg.mvm.enabled
+            if v.enabled and v.target in ENCODER_TARGETS
             else None
         )
         if cfg.model.freeze_text_embeddings:  # word / position embeddings: a third of a small text tower
@@ -250,9 +350,16 @@ class Trainer:
             data_fingerprint(cfg.data.train_manifest) if dist.rank == 0 else None
         )
         self.nonfinite_in_a_row = 0
+        self.evaluator = evaluator if cfg.train.eval_every > 0 else None
+        self.best_names, self.higher_is_better = best_metric_terms(cfg.train.best_metric)
+        self.best = BestRecord(cfg.train.best_metric)
+        self.best_path = self.ckpt_dir / "best.pt"
+        self.last_eval: tuple[int, dict[str, Any]] | None = None  # (step, result) of the latest evaluation
         self.stop = GracefulStop()
         self._tb: Any = None  # TensorBoard writer, opened on first use (rank 0)
         self._tb_missing = False  # the package is not installed: warned once
+        if dist.rank == 0:
+            warn_slow_bf16(self.device, cfg.train.precision, cfg.mvm.snapshot_precision)
 
     # ----------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -269,6 +376,7 @@ class Trainer:
             "world_size": self.dist.world_size,
             "data_fingerprint": self.data_fingerprint,
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "best": asdict(self.best),
         }
 
     def _check_finite_weights(self) -> None:
@@ -287,17 +395,36 @@ class Trainer:
         self._check_finite_weights()
         path = ckpt.checkpoint_path(self.ckpt_dir, self.state.step)
         state = self.state_dict()  # collective: every rank contributes its RNG state
+
+        def write() -> None:
+            ckpt.save_atomic(state, path)
+            ckpt.prune(self.ckpt_dir, self.cfg.train.keep_checkpoints)
+
+        self._write_on_main(write)
+        return path
+
+    def save_best(self) -> Path:
+        """`checkpoints/best.pt`: the model, its config, the step and the best record, without the optimizer
+        (it is for `miles eval --checkpoint` and `--init`, which read it like any checkpoint of ours)."""
+        state = {
+            "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "step": self.state.step,
+            "best": asdict(self.best),
+        }
+        self._write_on_main(lambda: ckpt.save_atomic(state, self.best_path))
+        return self.best_path
+
+    def _write_on_main(self, write: Callable[[], None]) -> None:
         failure = ""
         if self.dist.rank == 0:
             try:
-                ckpt.save_atomic(state, path)
-                ckpt.prune(self.ckpt_dir, self.cfg.train.keep_checkpoints)
+                write()
             except ckpt.CheckpointWriteError as err:
                 failure = str(err)
         failure = broadcast_from_main(failure)  # every rank stops together, none waits in a collective
         if failure:
             raise ckpt.CheckpointWriteError(failure)
-        return path
 
     def resume(self, path: Path, state: dict[str, Any], allow_data_change: bool = False) -> None:
         """Continue from `state` (read from `path`); refuses anything that would not continue exactly."""
@@ -319,7 +446,9 @@ class Trainer:
         for section, key in RESUME_KEYS:
             if allow_data_change and (section, key) == ("data", "train_manifest"):
                 continue
-            before, now = saved.get(section, {}).get(key), getattr(getattr(self.cfg, section), key)
+            now = getattr(getattr(self.cfg, section), key)
+            # a key newer than the checkpoint held its default then
+            before = saved.get(section, {}).get(key, getattr(getattr(Config(), section), key))
             if before != now:
                 raise CheckpointError(
                     f"config key '{section}.{key}' was {before!r} in checkpoint {path} and is {now!r} now; "
@@ -327,7 +456,12 @@ class Trainer:
                 )
         diff = config_differences(saved, self.cfg)
         ckpt.load_module_state(self.model, state.get("model"), path, "model", diff)
-        if self.snapshot is not None and state.get("snapshot") is not None:
+        if self.snapshot is not None and state.get("snapshot") is None:
+            raise CheckpointError(
+                f"checkpoint {path} holds no snapshot encoder, which mvm.target={self.cfg.mvm.target!r} "
+                "needs; resume with the checkpoint's own mvm settings or start a new --out"
+            )
+        if self.snapshot is not None:
             ckpt.load_module_state(self.snapshot, state["snapshot"], path, "snapshot", diff)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -342,6 +476,7 @@ class Trainer:
             ) from err
         self.state.skipped = set(state.get("skipped_videos", []))
         self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
+        self._resume_best(path, state.get("best"))
         if data_changed:
             log.warning(
                 "%s: --allow-data-change, so epoch %d restarts from its first batch on the new data",
@@ -358,6 +493,48 @@ class Trainer:
             self.state.position.epoch,
             self.state.position.batches,
         )
+
+    def _resume_best(self, path: Path, saved: Any) -> None:
+        """The best record and the patience count go on from the checkpoint; best.pt is made to agree."""
+        if saved is None:  # a checkpoint from before periodic evaluation existed
+            return
+        if not isinstance(saved, dict) or set(saved) != {f.name for f in fields(BestRecord)}:
+            raise CheckpointError(f"checkpoint {path}: entry 'best' is not a best-checkpoint record")
+        if saved["value"] is not None and saved["metric"] != self.cfg.train.best_metric:
+            raise CheckpointError(
+                f"config key 'train.best_metric' was {saved['metric']!r} in checkpoint {path} and is "
+                f"{self.cfg.train.best_metric!r} now; the best so far was measured by the first: set it back "
+                "or start a new --out"
+            )
+        self.best = BestRecord(**{**saved, "metric": self.cfg.train.best_metric})
+        if self.best.value is None:
+            return
+        on_disk = broadcast_from_main(self._best_file_step() if self.dist.rank == 0 else None)
+        if on_disk == self.best.step:
+            return
+        if self.best.step == self.state.step:  # killed between this step's checkpoint and its best.pt
+            log.info("writing %s from resumed step %d, the best evaluation", self.best_path, self.state.step)
+            self.save_best()
+            return
+        log.warning(
+            "%s holds step %s, not step %d, the best so far by checkpoint %s (the interrupted run wrote it "
+            "after that checkpoint, or it was lost); the next evaluation better than %.4g replaces it",
+            self.best_path,
+            on_disk,
+            self.best.step,
+            path,
+            self.best.value,
+        )
+
+    def _best_file_step(self) -> int | None:
+        if not self.best_path.is_file():
+            return None
+        try:
+            step = ckpt.load(self.best_path, "best checkpoint").get("step")
+        except CheckpointError as err:
+            log.warning("%s", err)
+            return None
+        return step if isinstance(step, int) else None
 
     def _data_changed(self, path: Path, saved: Any) -> str:
         """'' when the training data is the checkpoint's; otherwise a sentence saying what changed."""
@@ -385,18 +562,24 @@ class Trainer:
         attention_mask = batch["attention_mask"].to(self.device, non_blocking=True)
         mask = targets = visible = None
         with autocast_context(self.device, cfg.train.precision):
-            if self.snapshot is not None and cfg.mvm.mask_ratio > 0:
-                mask, visible = kernels.tube_mask(
+            if cfg.mvm.enabled and cfg.mvm.mask_ratio > 0:
+                mask, visible = kernels.mvm_mask(
                     video.shape[0],
+                    video.shape[1],
                     self.model.video_model.grid_size,
                     cfg.mvm.mask_ratio,
+                    mask_type=cfg.mvm.mask_type,
                     seed=cfg.train.seed ^ (self.dist.rank << 20),
                     step=micro_index,
                     device=self.device,
                     min_area=cfg.mvm.block_min_area,
                     impl=cfg.mvm.kernels,
                 )
-                targets = self.snapshot.targets(video)
+                if self.snapshot is not None:
+                    precision = (cfg.train.precision, cfg.mvm.snapshot_precision)
+                    targets = self.snapshot.targets(video, snapshot_dtype(self.device, *precision))
+                else:
+                    targets = input_targets(cfg.mvm.target, video, cfg.model.patch_size)
             out = self.ddp(video, input_ids, attention_mask, mask, targets, visible)
         (out.loss / cfg.train.grad_accum).backward()
         return float(out.loss.detach()), float(out.contrastive), float(out.mvm)
@@ -497,7 +680,7 @@ class Trainer:
         clips_done = 0
         last: dict[str, float] = {}
         try:
-            while self.state.step < t.max_steps:
+            while self.state.step < t.max_steps and not self.best.stopped_early:
                 tick = time.perf_counter()
                 last = self.train_step(stream, self.stop.signum or 0)
                 elapsed = time.perf_counter() - tick
@@ -518,7 +701,12 @@ class Trainer:
                         log_file.flush()  # type: ignore[union-attr]
                         self.log_scalars("train", last)
                 saved = None
-                if self.state.step % t.checkpoint_every == 0 or self.state.step == t.max_steps:
+                if self.evaluator is not None and (
+                    self.state.step % t.eval_every == 0 or self.state.step == t.max_steps
+                ):
+                    saved = self._evaluate(log_file)
+                due = self.state.step % t.checkpoint_every == 0 or self.state.step == t.max_steps
+                if saved is None and (due or self.best.stopped_early):
                     saved = self.save()
                 if t.crash_at_step and self.state.step == t.crash_at_step and self.dist.rank == t.crash_rank:
                     self._crash(log_file)
@@ -536,7 +724,62 @@ class Trainer:
             "clips_per_s": clips_done / max(wall, 1e-9),
             "final": last,
             "skipped_videos": sorted(set().union(*all_gather_objects(self.state.skipped))),
+            "best": asdict(self.best) if self.best.value is not None else None,
+            "early_stopped": self.best.stopped_early,
         }
+
+    def _evaluate(self, log_file: Any) -> Path | None:
+        """Evaluate (every rank), keep the best by `train.best_metric`, count towards early stopping.
+
+        An improvement writes this step's checkpoint before best.pt, so after a kill at any point the
+        newest checkpoint's best record and best.pt agree (`_resume_best` mends the one gap between)."""
+        t = self.cfg.train
+        result = self.evaluator(self.model)  # type: ignore[misc]
+        value = broadcast_from_main(metric_value(result, self.best_names))  # every rank decides alike
+        self.last_eval = (self.state.step, result)
+        best = self.best
+        improved = best.value is None or (value > best.value if self.higher_is_better else value < best.value)
+        if improved:
+            self.best = best = BestRecord(t.best_metric, value, self.state.step, metric_groups(result))
+        else:
+            best.evals_without_improvement += 1
+            best.stopped_early = 0 < t.early_stop_patience <= best.evals_without_improvement
+        if self.dist.rank == 0:
+            record = {
+                "step": self.state.step,
+                "epoch": self.state.position.epoch,
+                "eval": metric_groups(result),
+                "best_metric": t.best_metric,
+                "value": value,
+                "improved": improved,
+                "best_value": best.value,
+                "best_step": best.step,
+                "evals_without_improvement": best.evals_without_improvement,
+            }
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            self.log_scalars("val", {**metric_groups(result), "best_metric": value})
+            log.info(
+                "step %d: %s = %.4g (%s; best %.4g at step %d)",
+                self.state.step,
+                t.best_metric,
+                value,
+                "new best" if improved else f"{best.evals_without_improvement} without improvement",
+                best.value,
+                best.step,
+            )
+        if best.stopped_early:
+            log.info(
+                "early stop after step %d: %d evaluations without a better %s (train.early_stop_patience)",
+                self.state.step,
+                best.evals_without_improvement,
+                t.best_metric,
+            )
+        if not improved:
+            return None
+        saved = self.save()
+        self.save_best()
+        return saved
 
     def log_scalars(self, prefix: str, values: dict[str, Any], step: int | None = None) -> None:
         """Numbers of `values` (nested dicts flattened with `_`) to TensorBoard as `prefix/name`, rank 0.

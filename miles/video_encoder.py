@@ -113,7 +113,9 @@ class SpaceTimeTransformer(nn.Module):
             raise ValueError(f"{f} frames exceed the model's {self.num_frames} temporal embeddings")
         x = self.patch_embed(video.flatten(0, 1)).reshape(b, f, self.patches_per_frame, self.embed_dim)
         if mask is not None:
-            hidden = mask[:, None, :, None] if mask.ndim == 2 else mask[:, :f, :, None]
+            if mask.ndim == 3 and mask.shape[1] != f:
+                raise ValueError(f"a per-frame mask of {mask.shape[1]} frames for a clip of {f}")
+            hidden = mask[:, None, :, None] if mask.ndim == 2 else mask[..., None]
             x = torch.where(hidden, self.mask_token.to(x.dtype), x)
         x = x + self.pos_embed[:, None, 1:] + self.temporal_embed[:, :f, None]
         cls = self.cls_token + self.pos_embed[:, :1]
