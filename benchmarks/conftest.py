@@ -6,6 +6,8 @@ Pairing convention (read by `miles bench` / `miles.bench.write_report`):
   `extra_info["label"]`, e.g. "triton", "sdpa") or "yardstick" (a bound such as the device copy, not paired).
   `extra_info["path"]` "peak" marks the machine's own limits (`test_machine_peak.py`, which `miles bench`
   runs with every selection, so the peaks come from the same run and land in the same folder).
+  "peer" is another code base's way of doing the same case (the decord loader that Frozen-in-Time,
+  UMT and VindLU use): its own column, with how much faster our reference and fast paths are.
 - Optional `extra_info`: `clips_per_s` or `gb_per_s` (throughput), `yardstick` (the group of the bound
   that `gb_per_s` is compared with), `peak_mem_bytes` + `peak_mem_kind` ("cuda_max_allocated" or
   "cpu_peak_rss").
@@ -35,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-PATHS = ("reference", "fast", "yardstick", "peak")
+PATHS = ("reference", "fast", "yardstick", "peak", "peer")
 COMPUTE_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 LIMITS = ("compute fp32", "compute bf16", "memory", "decode/I-O")  # what the report's limit column says
 QUICK = os.environ.get("MILES_BENCH_QUICK", "").strip().lower() in ("1", "true", "yes", "on")

@@ -195,7 +195,7 @@ def _one_thread(_: int) -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("decord") is None, reason=DECORD_MISSING)
 def test_peer_loader_decord_raw_h264(benchmark, clip_set: dict[str, object]) -> None:
-    pair(benchmark, CASE, "yardstick", "peer loader: decord get_batch + torchvision v2, 2 workers")
+    pair(benchmark, CASE, "peer", "decord get_batch + torchvision v2, 2 workers")
     kwargs = _loader_kwargs()
     dataset = _PeerClips(clip_set["entries"], clip_set["tokenizer"], kwargs["num_frames"], kwargs["size"])
     # Our epoch permutations, so both loaders read the same clips in the same batches (a batch of the

@@ -1,9 +1,10 @@
 """`miles bench`: run the pytest-benchmark suites that this machine can run and write the report.
 
 The suites in `benchmarks/` follow one pairing convention (see `benchmarks/conftest.py`): the benchmark
-group is the case, `extra_info["path"]` says reference / fast / yardstick and `extra_info["label"]` names
-the variant. `write_report` turns any set of pytest-benchmark JSON files into `REPORT.md` (one row per
-fast variant: its speed-up over the reference of the same case, same inputs, same run) and `ratios.png`.
+group is the case, `extra_info["path"]` says reference / fast / yardstick / peak / peer and
+`extra_info["label"]` names the variant. `write_report` turns any set of pytest-benchmark JSON files
+into `REPORT.md` (one row per fast variant: its speed-up over the reference of the same case, same
+inputs, same run) and `ratios.png`.
 It is used on its own by `benchmarks/gpu_check.sh`, with the CUDA test results added.
 
 Utilisation: the peak suite (`benchmarks/test_machine_peak.py`, path "peak") runs before the selected
@@ -38,6 +39,7 @@ SUITES = {
 REPORT_NAME = "REPORT.md"
 CHART_NAME = "ratios.png"
 SPEEDUP_HEADER = "speed-up (reference time / fast time)"
+PEER_HEADER = "peer code base (its time; its time / ref, / fast)"
 ACHIEVED_HEADER = "achieved ref / fast"
 PERCENT_HEADER = "% of peak ref / fast"
 LIMIT_HEADER = "limit (peak)"
@@ -47,6 +49,7 @@ TABLE_HEADER = [
     "reference",
     "fast",
     SPEEDUP_HEADER,
+    PEER_HEADER,
     ACHIEVED_HEADER,
     PERCENT_HEADER,
     LIMIT_HEADER,
@@ -332,6 +335,7 @@ class ReportRow:
     reference: str
     fast: str
     speedup: float | None
+    peer: str
     achieved: str
     percent: str
     limit: str
@@ -370,6 +374,7 @@ def _rows(runs: _Runs) -> tuple[list[ReportRow], list[_Timing], list[_Timing]]:
     for t in runs.timings.values():
         by_case.setdefault((t.case, t.machine), {}).setdefault(t.path, []).append(t)
     yardsticks = {(t.case, t.machine): t for t in runs.timings.values() if t.path == "yardstick"}
+    peers = {(t.case, t.machine): t for t in runs.timings.values() if t.path == "peer"}
     limits = _machine_peaks(runs)
     rows, unpaired = [], []
     for case, machine in sorted(by_case):
@@ -378,7 +383,7 @@ def _rows(runs: _Runs) -> tuple[list[ReportRow], list[_Timing], list[_Timing]]:
         ref = refs[0] if refs else None
         for extra_ref in refs[1:]:
             unpaired.append(extra_ref)
-        for other in set(sides) - {"reference", "fast", "yardstick", "peak"}:
+        for other in set(sides) - {"reference", "fast", "yardstick", "peak", "peer"}:
             unpaired.extend(sides[other])
         if ref is not None and not fasts:
             fasts = [None]
@@ -396,6 +401,7 @@ def _rows(runs: _Runs) -> tuple[list[ReportRow], list[_Timing], list[_Timing]]:
                     reference=_fmt_timing(ref, yardsticks) if ref else "missing (see skipped / failed)",
                     fast=_fmt_timing(fast, yardsticks) if fast else "not run (see skipped / failed)",
                     speedup=ref.median_s / fast.median_s if ref and fast else None,
+                    peer=_fmt_peer(peers.get((case, machine)), ref, fast),
                     achieved=achieved,
                     percent=percent,
                     limit=limit,
@@ -407,14 +413,35 @@ def _rows(runs: _Runs) -> tuple[list[ReportRow], list[_Timing], list[_Timing]]:
     return rows, sorted(yardsticks.values(), key=lambda t: t.case), unpaired
 
 
+def _fmt_peer(peer: _Timing | None, ref: _Timing | None, fast: _Timing | None) -> str:
+    """The peer's time and how many times faster our reference and fast paths are than it."""
+    if peer is None:
+        return "–"
+    ratios = [f"{peer.median_s / ours.median_s:.2f}x" if ours else "–" for ours in (ref, fast)]
+    return f"{peer.label}: {_fmt_timing(peer, {})}; {' / '.join(ratios)}"
+
+
 def _table(rows: list[ReportRow]) -> list[str]:
     lines = [
         "| " + " | ".join(TABLE_HEADER) + " |",
-        "|" + "|".join(["---"] * 2 + ["---:"] * 5 + ["---", "---:"] + ["---"] * 2) + "|",
+        "|"
+        + "|".join(["---"] * 2 + ["---:"] * 3 + ["---"] + ["---:"] * 2 + ["---", "---:"] + ["---"] * 2)
+        + "|",
     ]
     for r in rows:
         speedup = f"**{r.speedup:.2f}x**" if r.speedup is not None else "–"
-        cells = [r.case, r.label, r.reference, r.fast, speedup, r.achieved, r.percent, r.limit, r.peak]
+        cells = [
+            r.case,
+            r.label,
+            r.reference,
+            r.fast,
+            speedup,
+            r.peer,
+            r.achieved,
+            r.percent,
+            r.limit,
+            r.peak,
+        ]
         cells += [r.machine, r.date]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return lines
@@ -545,7 +572,9 @@ def write_report(
         "",
         "Fast path against reference, same inputs in the same run. Times are the median per round "
         "(throughput at that time); speed-up = reference time / fast time, above 1 means the fast path "
-        "is faster. Achieved = the work of one call (FLOPs counted by torch.utils.flop_counter, or the "
+        "is faster. Peer code base: the same case done the way other code bases do it (the decord loader "
+        "of Frozen-in-Time / UMT / VindLU), with its time over ours (above 1: ours is faster). "
+        "Achieved = the work of one call (FLOPs counted by torch.utils.flop_counter, or the "
         "bytes a perfect kernel reads and writes) / the median time; % of peak = achieved / this "
         "machine's peak for the case's limit (compute fp32 or bf16: torch.matmul; memory: a large copy), "
         "measured in the same run (Peaks, below the table; above 100% of memory, the case's data stays in "
