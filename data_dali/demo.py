@@ -21,7 +21,19 @@ import av
 import numpy as np
 from tqdm import tqdm
 
-__all__ = ["COLOURS", "MOTIONS", "SHAPES", "ClipSpec", "caption_for", "render_clip", "write_demo_dataset"]
+__all__ = [
+    "COLOURS",
+    "DEMO_KINDS",
+    "DOWNSTREAM_TEMPLATES",
+    "HELD_OUT_PAIRS",
+    "MOTIONS",
+    "SHAPES",
+    "TEMPLATES",
+    "ClipSpec",
+    "caption_for",
+    "render_clip",
+    "write_demo_dataset",
+]
 
 # Well separated in RGB so they survive yuv420p chroma subsampling and a colour test can tell them apart.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -46,9 +58,16 @@ MOTIONS: tuple[str, ...] = (
 )
 SIZES: tuple[str, ...] = ("small", "large")
 
+# Colour x shape pairs that only the downstream split shows (one per colour, two per shape), so that
+# retrieval on it needs the composition of words the pre-training split taught only apart.
+HELD_OUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
+    (colour, SHAPES[i % len(SHAPES)]) for i, colour in enumerate(COLOURS)
+)
+DEMO_KINDS: tuple[str, ...] = ("pretrain", "downstream")
+
 # Base half-extent as a fraction of the frame side.
 _BASE_RADIUS = {"small": 0.10, "large": 0.17}
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: the pre-training split leaves out HELD_OUT_PAIRS; kind=downstream
 
 _SHAPE_WORDS: dict[str, tuple[str, ...]] = {
     "circle": ("circle", "disc", "ball", "dot"),
@@ -78,13 +97,37 @@ _MOTION_PHRASES: dict[str, tuple[str, ...]] = {
     "rotating": ("spins around", "rotates", "turns around", "is rotating", "spins"),
 }
 _SIZE_WORDS: dict[str, tuple[str, ...]] = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
-_TEMPLATES: tuple[str, ...] = (
+# The downstream split names shapes and motions in words the pre-training split never uses.
+_DOWNSTREAM_SHAPE_WORDS: dict[str, tuple[str, ...]] = {
+    "circle": ("orb", "round spot"),
+    "square": ("tile", "slab"),
+    "triangle": ("pyramid", "wedge"),
+    "cross": ("plus mark", "crosshair"),
+}
+_DOWNSTREAM_MOTION_PHRASES: dict[str, tuple[str, ...]] = {
+    "moving left": ("heads left", "glides leftward"),
+    "moving right": ("heads right", "glides rightward"),
+    "moving up": ("climbs", "ascends"),
+    "moving down": ("descends", "plunges"),
+    "growing": ("inflates", "balloons outward"),
+    "shrinking": ("deflates", "dwindles"),
+    "rotating": ("twirls", "revolves"),
+}
+TEMPLATES: tuple[str, ...] = (
     "{det} {noun} {motion}",
     "the {noun} {motion}",
     "{det} {noun} {motion} on a dark background",
     "video of {det} {noun} that {motion}",
     "here {det} {noun} {motion}",
     "in this clip {det} {noun} {motion}",
+)
+# The downstream split's captions: phrasings the pre-training split never uses.
+DOWNSTREAM_TEMPLATES: tuple[str, ...] = (
+    "footage of {det} {noun} that {motion}",
+    "watch {det} {noun} as it {motion}",
+    "someone filmed {det} {noun} that {motion}",
+    "on screen, {det} {noun} {motion}",
+    "look: {det} {noun} {motion} in the frame",
 )
 
 
@@ -103,12 +146,14 @@ class ClipSpec:
     noise_seed: int
 
 
-def _sample_spec(rng: np.random.Generator, noise_seed: int) -> ClipSpec:
-    """Motion first, then a shape it is visible on (a rotating circle looks still)."""
+def _sample_spec(rng: np.random.Generator, noise_seed: int, held_out: bool = False) -> ClipSpec:
+    """Motion first, then a shape it is visible on (a rotating circle looks still), then a colour: one of
+    the shape's HELD_OUT_PAIRS if `held_out` (the downstream split), else any other."""
     motion = MOTIONS[int(rng.integers(len(MOTIONS)))]
     shapes = [s for s in SHAPES if not (motion == "rotating" and s == "circle")]
     shape = shapes[int(rng.integers(len(shapes)))]
-    colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+    colours = [c for c in COLOURS if ((c, shape) in HELD_OUT_PAIRS) == held_out]
+    colour = colours[int(rng.integers(len(colours)))]
     size = SIZES[int(rng.integers(len(SIZES)))]
     jitter = rng.uniform(-0.08, 0.08, size=2)
     if motion == "moving left":
@@ -129,16 +174,22 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def caption_for(spec: ClipSpec, rng: np.random.Generator, template: int | None = None) -> str:
-    """One paraphrase of the clip; size is mentioned only sometimes, as in real captions."""
-    shape_word = _SHAPE_WORDS[spec.shape][int(rng.integers(len(_SHAPE_WORDS[spec.shape])))]
-    motion = _MOTION_PHRASES[spec.motion][int(rng.integers(len(_MOTION_PHRASES[spec.motion])))]
+def caption_for(
+    spec: ClipSpec, rng: np.random.Generator, template: int | None = None, downstream: bool = False
+) -> str:
+    """One paraphrase of the clip; size is mentioned only sometimes, as in real captions. `downstream`:
+    in the downstream split's phrasings and shape and motion words, none of which pre-training uses."""
+    shape_words = (_DOWNSTREAM_SHAPE_WORDS if downstream else _SHAPE_WORDS)[spec.shape]
+    motions = (_DOWNSTREAM_MOTION_PHRASES if downstream else _MOTION_PHRASES)[spec.motion]
+    templates = DOWNSTREAM_TEMPLATES if downstream else TEMPLATES
+    shape_word = shape_words[int(rng.integers(len(shape_words)))]
+    motion = motions[int(rng.integers(len(motions)))]
     words = [spec.colour, shape_word]
     if rng.random() < 0.5:
         words.insert(0, _SIZE_WORDS[spec.size][int(rng.integers(len(_SIZE_WORDS[spec.size])))])
     noun = " ".join(words)
-    t = int(rng.integers(len(_TEMPLATES))) if template is None else template
-    return _TEMPLATES[t].format(det=_article(noun), noun=noun, motion=motion)
+    t = int(rng.integers(len(templates))) if template is None else template
+    return templates[t].format(det=_article(noun), noun=noun, motion=motion)
 
 
 def _shape_mask(
@@ -269,9 +320,14 @@ def write_demo_dataset(
     size: int = 112,
     fps: int = 8,
     workers: int | None = None,
+    kind: str = "pretrain",
 ) -> dict[str, Path]:
     """Write the demo clips and manifests (or reuse them) so training can start from one command.
 
+    `kind`: "pretrain" (any colour x shape pair but HELD_OUT_PAIRS, captions from TEMPLATES) or
+    "downstream" (a retrieval task the first does not cover: only HELD_OUT_PAIRS, captions from
+    DOWNSTREAM_TEMPLATES with shape and motion words of their own; its own random stream), each with its
+    train and val split.
     Returns the paths of the "train" and "val" manifests and of "classes" (motion class names).
     A second call with the same parameters returns at once; an interrupted call is redone because the
     manifests and demo.json are written last, atomically.
@@ -279,8 +335,12 @@ def write_demo_dataset(
     out_dir = Path(out_dir)
     if size % 2:
         raise ValueError(f"demo size must be even for yuv420p, got {size}")
+    if kind not in DEMO_KINDS:
+        raise ValueError(f"demo kind must be one of {', '.join(DEMO_KINDS)}, got {kind!r}")
+    downstream = kind == "downstream"
     params = {
         "version": _FORMAT_VERSION,
+        "kind": kind,
         "n_train": n_train,
         "n_val": n_val,
         "seed": seed,
@@ -293,7 +353,7 @@ def write_demo_dataset(
         return outputs
 
     (out_dir / "demo.json").unlink(missing_ok=True)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([seed, 1] if downstream else seed)
     jobs: list[tuple[str, ClipSpec, int, int, int]] = []
     rows: dict[str, list[tuple[str, str, str]]] = {"train": [], "val": []}
     for split, n, captions_per_clip in (("train", n_train, 1), ("val", n_val, 2)):
@@ -301,12 +361,13 @@ def write_demo_dataset(
         video_dir.mkdir(parents=True, exist_ok=True)
         for i in range(n):
             noise_seed = int(rng.integers(2**31))
-            spec = _sample_spec(rng, noise_seed)
+            spec = _sample_spec(rng, noise_seed, held_out=downstream)
             rel = f"videos/{split}/{i:05d}.mp4"
             jobs.append((str(out_dir / rel), spec, frames, size, fps))
             captions: list[str] = []
             while len(captions) < captions_per_clip:
-                caption = caption_for(spec, rng)
+                caption = caption_for(spec, rng, downstream=downstream)
+
                 if caption not in captions:
                     captions.append(caption)
             rows[split].extend((rel, c, spec.motion) for c in captions)

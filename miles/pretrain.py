@@ -6,6 +6,8 @@ import copy
 import json
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ from miles.released import (
     read_checkpoint_file,
     save_safetensors,
 )
-from miles.train import Trainer, peak_memory_mb, seed_everything, truncate_log, write_config
+from miles.train import Trainer, metric_groups, peak_memory_mb, seed_everything, truncate_log, write_config
 
 log = logging.getLogger("miles")
 
@@ -42,8 +44,8 @@ def ensure_data(cfg: Config, main: bool) -> None:
     missing = [p for p in (d.train_manifest, d.val_manifest) if not _exists(p)]
     if missing and d.generate_demo:
         if main:
-            log.info("generating the demo data set in %s", d.root)
-            write_demo_dataset(Path(d.root), n_train=d.demo_train, n_val=d.demo_val, seed=0)
+            log.info("generating the %s demo data set in %s", d.demo_kind, d.root)
+            write_demo_dataset(Path(d.root), n_train=d.demo_train, n_val=d.demo_val, seed=0, kind=d.demo_kind)
         barrier()
     check_data_files(cfg)
     for p in (d.train_manifest, d.val_manifest):
@@ -75,6 +77,11 @@ def _classes_for(cfg: Config, val_source: DataSource) -> list[str] | None:
         )
     classes = read_classes(path)
     labels = EvalSet.from_source(val_source).labels
+    if cfg.train.eval_every and "zeroshot_" in cfg.train.best_metric.lower() and None in labels:
+        raise ConfigError(
+            f"config key 'train.best_metric': {cfg.train.best_metric} needs zero-shot accuracy, and some "
+            f"videos of {cfg.data.val_manifest} have no label; give labels or pick retrieval metrics"
+        )
     unknown = sorted({label for label in labels if label is not None and label not in classes})
     if unknown:
         raise ConfigError(
@@ -132,13 +139,28 @@ def _find_resume_point(ckpt_dir: Path, main: bool) -> tuple[Path, dict[str, Any]
     return found if main else (Path(chosen), ckpt.load(Path(chosen)))  # type: ignore[return-value]
 
 
+@dataclass(frozen=True)
+class Columns:
+    """What a job calls its evaluations: before training (also its metrics.json key), after, and best."""
+
+    before: str = "untrained"
+    after: str = "trained"
+    before_key: str = "untrained"
+
+
 def run_pretraining(
-    cfg: Config, out_dir: Path, resume: bool = False, allow_data_change: bool = False
+    cfg: Config,
+    out_dir: Path,
+    resume: bool = False,
+    allow_data_change: bool = False,
+    build_model: Callable[[Config], MilesModel] = MilesModel,
+    columns: Columns = Columns(),
 ) -> dict[str, Any]:
     """The whole job; returns what it writes to `out_dir/metrics.json` (rank 0).
 
     `resume`: continue from the newest readable checkpoint in `out_dir` if there is one, else start
-    afresh there (so one command line serves the first start and every requeue)."""
+    afresh there (so one command line serves the first start and every requeue). `build_model`: the
+    model before training (`miles finetune` loads its --init there); `columns`: the table's names."""
     dist = init_distributed()
     main = dist.rank == 0
     attention = resolve_attention(cfg.model.attention, dist.device)  # refuses xformers without CUDA, now
@@ -157,7 +179,7 @@ def run_pretraining(
     check_val_readable(cfg, val_entries, main)
     data_backend, data_why = _choose_data_backend(cfg, train_entries, dist.device, main)
     seed_everything(cfg.train.seed)
-    model = MilesModel(cfg)  # before anything on disk changes: a model that cannot be built moves nothing
+    model = build_model(cfg)  # before anything on disk changes: a model that cannot be built moves nothing
     if main and not resume and out_dir.is_dir() and any(out_dir.iterdir()):
         aside = out_dir.with_name(f"{out_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         out_dir.rename(aside)
@@ -167,12 +189,13 @@ def run_pretraining(
     barrier()
     if main:
         log.info(
-            "preset %s | masking mode %s, ratio %.2f, contrastive on %s clips | attention %s | "
-            "training data: %s | %d train / %d val clips | %d process(es) on %s",
+            "preset %s | %s | attention %s | training data: %s | %d train / %d val clips | %d process(es) "
+            "on %s",
             cfg.preset,
-            cfg.mvm.mode,
-            cfg.mvm.mask_ratio,
-            cfg.mvm.contrastive_input,
+            f"masking mode {cfg.mvm.mode}, ratio {cfg.mvm.mask_ratio:.2f}, contrastive on "
+            f"{cfg.mvm.contrastive_input} clips"
+            if cfg.mvm.enabled
+            else "contrastive only (mvm.enabled=false)",
             attention.describe(),
             data_why,
             len(train_entries),
@@ -181,7 +204,13 @@ def run_pretraining(
             dist.device,
         )
     set_attention_backend(model, attention.backend)
-    trainer = Trainer(cfg, train_entries, out_dir, dist, model=model, data_backend=data_backend)
+
+    def evaluator(m: MilesModel) -> dict[str, Any]:
+        return evaluate(m, val_entries, cfg, dist.device, classes, progress=main)
+
+    trainer = Trainer(
+        cfg, train_entries, out_dir, dist, model=model, data_backend=data_backend, evaluator=evaluator
+    )
     latest = _find_resume_point(trainer.ckpt_dir, main) if resume else None
     if resume and latest is None:
         log.info("--resume: no checkpoint in %s yet, starting from scratch", trainer.ckpt_dir)
@@ -195,25 +224,31 @@ def run_pretraining(
         write_config(cfg, out_dir)
     if latest is not None:
         if metrics_path.is_file():
-            untrained = json.loads(metrics_path.read_text()).get("untrained")
+            untrained = json.loads(metrics_path.read_text()).get(columns.before_key)
     elif cfg.eval.before_training:
-        untrained = evaluate(trainer.model, val_entries, cfg, dist.device, classes, progress=main)
+        untrained = evaluator(trainer.model)
         if main:
-            _write_json(metrics_path, {"untrained": untrained})
-            trainer.log_scalars("eval_untrained", _scalars_of(untrained), step=0)
+            _write_json(metrics_path, {columns.before_key: untrained})
+            trainer.log_scalars("eval_untrained", metric_groups(untrained), step=0)
     barrier()
     summary = trainer.fit()
     result: dict[str, Any] = {}
-    trained = evaluate(trainer.model, val_entries, cfg, dist.device, classes, progress=main)  # all ranks
+    if trainer.last_eval is not None and trainer.last_eval[0] == summary["steps"]:
+        trained = trainer.last_eval[1]  # the periodic evaluation of the last step
+    else:
+        trained = evaluator(trainer.model)  # all ranks
+    best = summary["best"]
     if main:
-        trainer.log_scalars("eval", _scalars_of(trained))
+        trainer.log_scalars("eval", metric_groups(trained))
         trainer.close()
         result = {
             "t2v": trained["t2v"],
             "v2t": trained["v2t"],
             "zeroshot": trained.get("zeroshot"),
             "chance": trained["chance"],
-            "untrained": untrained,
+            columns.before_key: untrained,
+            "best": best and {**best, "path": str(trainer.best_path)},
+            "early_stopped": summary["early_stopped"],
             # a file bad in both splits is one bad file: counted once, listed per split too
             "skipped_videos": len(set(summary["skipped_videos"]) | set(trained["skipped_paths"])),
             "skipped_paths": sorted(set(summary["skipped_videos"]) | set(trained["skipped_paths"])),
@@ -237,28 +272,31 @@ def run_pretraining(
         }
         _write_json(metrics_path, result)
         chance = trained["chance"]
-        columns = {"chance": chance_column(chance)}
+        table = {"chance": chance_column(chance)}
         if untrained:
-            columns["untrained"] = untrained
-        columns["trained"] = trained
+            table[columns.before] = untrained
+        table[columns.after] = trained
         if "dsl" in trained:
-            columns["trained + DSL"] = trained["dsl"]
+            table[f"{columns.after} + DSL"] = trained["dsl"]
+        if best:
+            table["best"] = best["metrics"]
         print(
             f"\nretrieval on {cfg.data.val_manifest} ({trained['num_videos']} videos, "
             f"{trained['num_captions']} captions; R@K in %):"
         )
-        print(format_table(columns))
+        print(format_table(table))
+        if best:
+            stopped = f"; early stop after step {summary['steps']}" if summary["early_stopped"] else ""
+            print(
+                f"best: step {best['step']}, {best['metric']} = {best['value']:.2f} "
+                f"({trainer.best_path}){stopped}"
+            )
         print(
             f"skipped videos: {result['skipped_videos']} | train {summary['clips_per_s']:.1f} clips/s | "
             f"wall {result['wall_seconds']:.0f} s | metrics: {metrics_path}"
         )
     barrier()
     return result
-
-
-def _scalars_of(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The metric groups of an evaluation, for TensorBoard (not its lists of paths or protocol)."""
-    return {k: metrics[k] for k in ("t2v", "v2t", "zeroshot", "dsl") if isinstance(metrics.get(k), dict)}
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -301,7 +339,11 @@ def model_from_checkpoint(
 
     file = read_checkpoint_file(checkpoint)
     cfg = _checkpoint_config(file, text_model, overrides or [])
-    model = MilesModel(cfg).to(device)
+    shape = cfg
+    if file.config is not None:  # ours holds every weight: the run's starting files are not read again
+        shape = copy.deepcopy(cfg)
+        shape.model.init_checkpoint = shape.model.video_weights = ""
+    model = MilesModel(shape).to(device)
     set_attention_backend(model, resolve_attention(cfg.model.attention, device).backend)
     if file.config is not None:
         diff = config_differences(file.config, cfg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import time
 from pathlib import Path
 
@@ -183,3 +184,89 @@ def test_rotating_is_never_a_circle() -> None:
     assert {s.motion for s in specs} == set(MOTIONS)
     assert not any(s.motion == "rotating" and s.shape == "circle" for s in specs)
     assert {s.shape for s in specs if s.motion == "rotating"} == {"square", "triangle", "cross"}
+
+
+_SHAPE_OF_WORD = {
+    word: shape
+    for vocabulary in (demo._SHAPE_WORDS, demo._DOWNSTREAM_SHAPE_WORDS)
+    for shape, words in vocabulary.items()
+    for word in words
+}
+_MOTION_OF_PHRASE = {
+    phrase: motion
+    for vocabulary in (demo._MOTION_PHRASES, demo._DOWNSTREAM_MOTION_PHRASES)
+    for motion, phrases in vocabulary.items()
+    for phrase in phrases
+}
+
+
+def _caption_pattern(template: str) -> re.Pattern[str]:
+    """A template as a regex over both splits' vocabulary, capturing the colour, shape and motion words."""
+    sizes = "|".join(w for words in demo._SIZE_WORDS.values() for w in words)
+    colours = "|".join(COLOURS)
+    shapes = "|".join(map(re.escape, _SHAPE_OF_WORD))
+    motions = "|".join(map(re.escape, _MOTION_OF_PHRASE))
+    noun = f"(?:(?:{sizes}) )?(?P<colour>{colours}) (?P<shape>{shapes})"
+    parts = re.split(r"(\{det\}|\{noun\}|\{motion\})", template)
+    pieces = {"{det}": "(?:a|an)", "{noun}": noun, "{motion}": f"(?P<motion>{motions})"}
+    return re.compile("".join(pieces.get(p, re.escape(p)) for p in parts))
+
+
+_PATTERNS = {t: _caption_pattern(t) for t in demo.TEMPLATES + demo.DOWNSTREAM_TEMPLATES}
+
+
+def _parse(caption: str) -> tuple[str, tuple[str, str], tuple[str, str]]:
+    """(the one template that produced `caption`, its (colour, shape) pair, its (shape word, motion
+    phrase)), read off the words."""
+    found = [(t, m) for t, p in _PATTERNS.items() if (m := p.fullmatch(caption))]
+    assert len(found) == 1, (caption, [t for t, _ in found])
+    template, match = found[0]
+    return template, (match["colour"], _SHAPE_OF_WORD[match["shape"]]), (match["shape"], match["motion"])
+
+
+@pytest.fixture(scope="module")
+def downstream_demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_demo_dataset(tmp_path_factory.mktemp("downstream"), kind="downstream", **SMALL)
+
+
+def test_downstream_split_is_held_out_from_pretraining(
+    small_demo: dict[str, Path], downstream_demo: dict[str, Path]
+) -> None:
+    """No caption phrasing, colour x shape pair, shape word or motion phrase of the downstream split
+    occurs in pre-training."""
+    pre = [_parse(r["caption"]) for split in ("train", "val") for r in _rows(small_demo[split])]
+    down_rows = {split: _rows(downstream_demo[split]) for split in ("train", "val")}
+    down = [_parse(r["caption"]) for rows in down_rows.values() for r in rows]
+    pre_templates, down_templates = {t for t, _, _ in pre}, {t for t, _, _ in down}
+    pre_pairs, down_pairs = {p for _, p, _ in pre}, {p for _, p, _ in down}
+    assert len(pre_templates) >= 4 and len(down_templates) >= 4
+    assert not pre_templates & down_templates
+    assert len(pre_pairs) >= 8 and len(down_pairs) >= 5
+    assert not pre_pairs & down_pairs, pre_pairs & down_pairs
+    for i in (0, 1):  # shape words, then motion phrases
+        pre_words, down_words = {w[i] for _, _, w in pre}, {w[i] for _, _, w in down}
+        assert len(down_words) >= 5 and not pre_words & down_words, pre_words & down_words
+    for (_, _, (_, phrase)), row in zip(down, down_rows["train"] + down_rows["val"], strict=True):
+        assert _MOTION_OF_PHRASE[phrase] == row["label"]  # the new words still say what the clip shows
+    # the same layout as the pre-training set: two captions of one clip per val video, motion labels
+    assert len(down_rows["train"]) == SMALL["n_train"] and len(down_rows["val"]) == 2 * SMALL["n_val"]
+    assert downstream_demo["classes"].read_text().splitlines() == list(MOTIONS)
+    assert all(r["label"] in MOTIONS for rows in down_rows.values() for r in rows)
+    # and its pixels show the colour its captions name
+    root = downstream_demo["train"].parent
+    palette = {name: np.array(rgb, dtype=np.float64) for name, rgb in COLOURS.items()}
+    for row in down_rows["train"][:8]:
+        frame = _decode_all(root / row["video"])[0]
+        mean = frame[_shape_mask(frame)].astype(np.float64).mean(axis=0)
+        assert min(palette, key=lambda n: np.linalg.norm(palette[n] - mean)) == _colour_word(row["caption"])
+
+
+def test_sampled_pairs_split_the_colour_shape_grid() -> None:
+    """Over many draws pre-training covers every pair but the held-out ones, and downstream only those."""
+    rng = np.random.default_rng(0)
+    pre = {(s.colour, s.shape) for s in (demo._sample_spec(rng, 0) for _ in range(3000))}
+    down = {(s.colour, s.shape) for s in (demo._sample_spec(rng, 0, held_out=True) for _ in range(3000))}
+    grid = {(c, s) for c in COLOURS for s in demo.SHAPES}
+    assert down == demo.HELD_OUT_PAIRS and len(down) == len(COLOURS)
+    assert pre == grid - down
+    assert {c for c, _ in down} == set(COLOURS) and {s for _, s in down} == set(demo.SHAPES)
