@@ -146,7 +146,9 @@ def run_ablation(
         pretrain = functools.partial(run_pretraining, resume=True)  # an interrupted run continues
     chosen = variants(axis, steps)
     check_overrides(overrides or [], chosen)
-    plan = [(v, s, run_config(preset, v, steps, s, overrides or [])) for v in chosen for s in range(seeds)]
+    # seed-major: every variant's first seed finishes before any second one, so an ablation cut short
+    # still gives a one-seed table (rerun with --seeds 1: the finished runs are reused)
+    plan = [(v, s, run_config(preset, v, steps, s, overrides or [])) for s in range(seeds) for v in chosen]
     started = time.perf_counter()
     records: list[dict[str, Any]] = []
     for index, (variant, seed, cfg) in enumerate(plan, 1):

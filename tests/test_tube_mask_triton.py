@@ -122,7 +122,7 @@ def test_dispatch_triton_matches_reference() -> None:
 @pytest.mark.parametrize("grid", [(14, 14), (7, 9), (1, 5), (32, 32)])
 @pytest.mark.parametrize("ratio", [0.1, 0.75, 0.9])
 def test_bit_identical_random_positions(grid: tuple[int, int], ratio: float) -> None:
-    """`blockwise=False` (the random_tube / random_frame ablations) runs the same kernel without rectangles."""
+    """`blockwise=False` (the random_tube / random_frame ablations): the same kernel without rectangles."""
     for seed, step in [(0, 0), (2**31 + 5, 10**9)]:
         _check(3, grid, ratio, seed, step, blockwise=False)
 
