@@ -323,7 +323,10 @@ def test_stop_does_not_wait_for_a_decode_in_flight(hanging_decoder: None) -> Non
     assert len(workers) == 2
     for pid in workers:  # the initializer's dispositions: Ctrl-C and SIGUSR1 are the parent's business
         deadline = time.monotonic() + 30  # the worker that sent no result yet may not have started
-        while not _has(_signal_bits(pid, "SigIgn"), signal.SIGINT) and time.monotonic() < deadline:
+        # the initializer ignores SIGINT, then SIGUSR1: wait for both, not the first alone
+        while not all(_has(_signal_bits(pid, "SigIgn"), s) for s in (signal.SIGINT, signal.SIGUSR1)) and (
+            time.monotonic() < deadline
+        ):
             time.sleep(0.02)
         ignored, blocked = _signal_bits(pid, "SigIgn"), _signal_bits(pid, "SigBlk")
         assert _has(ignored, signal.SIGINT) and _has(ignored, signal.SIGUSR1)

@@ -1,7 +1,9 @@
-"""Training options for memory and speed: activation checkpointing, torch.compile, frozen text embeddings."""
+"""Training options for memory and speed: activation checkpointing, torch.compile, frozen text embeddings,
+precision (bf16 on CPUs, the snapshot's own precision)."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,8 +12,10 @@ from runs import data_overrides, logged_losses, run_miles
 
 import kernels
 from miles import checkpoint as ckpt
-from miles.config import build_config
+from miles.config import ConfigError, build_config
 from miles.model import MilesModel
+from miles.snapshot import SnapshotEncoder
+from miles.train import cpu_bf16_flags, resolve_precision, snapshot_dtype
 
 
 def test_checkpointed_gradients_equal_the_plain_run(minilm_dir) -> None:
@@ -70,3 +74,78 @@ def test_compiled_training_with_frozen_text_embeddings(smoke_data: Path, tmp_pat
     assert torch.equal(trained[word], fresh[word])  # frozen: the shipped MiniLM embeddings
     layer = "text_model.encoder.layer.0.attention.self.query.weight"
     assert not torch.equal(trained[layer], fresh[layer])  # the rest of the text tower trained
+
+
+# A Sapphire Rapids and a Zen 3 flags line (abridged): the first has both BF16 instruction sets.
+SAPPHIRE_RAPIDS = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_fp16 amx_bf16 amx_tile\n"
+ZEN3 = "processor\t: 0\nmodel name\t: EPYC (avx512_bf16 in a name is no flag)\nflags\t\t: fpu avx avx2 fma\n"
+
+
+def test_cpu_bf16_flags_read_the_flags_line() -> None:
+    assert cpu_bf16_flags(SAPPHIRE_RAPIDS) == ["avx512_bf16", "amx_bf16"]
+    assert cpu_bf16_flags(ZEN3) == []
+    assert cpu_bf16_flags("flags\t: avx512f avx512_bf16\n") == ["avx512_bf16"]  # Zen 4: no AMX
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else None
+    if flags is not None:  # this machine: what /proc/cpuinfo says, and torch's own probe agrees
+        assert cpu_bf16_flags() == cpu_bf16_flags(flags)
+        assert ("avx512_bf16" in cpu_bf16_flags()) == torch.cpu._is_avx512_bf16_supported()
+
+
+def test_precision_resolution() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [resolve_precision(cpu, p) for p in ("auto", "fp32", "bf16")] == ["fp32", "fp32", "bf16"]
+    assert [resolve_precision(cuda, p) for p in ("auto", "fp32", "bf16")] == ["bf16", "fp32", "bf16"]
+    assert snapshot_dtype(cpu, "auto", "auto") == torch.float32
+    assert snapshot_dtype(cpu, "fp32", "bf16") == torch.bfloat16
+    assert snapshot_dtype(cuda, "auto", "auto") == torch.bfloat16
+    assert snapshot_dtype(cuda, "auto", "fp32") == torch.float32
+    with pytest.raises(ValueError, match="fp16"):
+        resolve_precision(cpu, "fp16")
+    with pytest.raises(ConfigError, match="mvm.snapshot_precision"):
+        build_config("smoke", overrides=["mvm.snapshot_precision=fp16"])
+
+
+def test_snapshot_targets_run_in_the_asked_precision(minilm_dir) -> None:
+    torch.manual_seed(0)
+    model = MilesModel(build_config("smoke"))
+    snapshot = SnapshotEncoder(model.video_model)
+    video = torch.randn(2, 2, 3, 32, 32)
+    plain = snapshot.targets(video)
+    assert plain.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the step's autocast does not reach an fp32 snapshot
+        assert torch.equal(snapshot.targets(video, torch.float32), plain)
+        under_autocast = snapshot.targets(video)
+    low = snapshot.targets(video, torch.bfloat16)  # no autocast outside: bf16 matmuls all the same
+    assert torch.equal(low, under_autocast)  # None: the caller's autocast decides, here bf16
+    assert low.shape == plain.shape and not torch.equal(low.float(), plain)
+    torch.testing.assert_close(low.float(), plain, rtol=0.05, atol=0.05)
+    with pytest.raises(ValueError, match="float16"):
+        snapshot.targets(video, torch.float16)
+
+
+@pytest.mark.slow
+def test_bf16_training_resumes_exactly(smoke_data: Path, tmp_path: Path) -> None:
+    """train.precision=bf16 on the CPU: a run cut back to its step-2 checkpoint and resumed gives the
+    uninterrupted run's losses and weights, bit for bit. The cut run is a copy of the uninterrupted one's
+    folder as a kill after step 2 leaves it (two launches, not three; test_pretrain_e2e kills for real):
+    what resume needs is in the checkpoint. Emulated bf16 where the CPU lacks BF16 instructions: it warns."""
+    common = ["pretrain", "--preset", "smoke", *data_overrides(smoke_data), "train.precision=bf16"]
+    common += ["train.max_steps=4", "train.checkpoint_every=2", "eval.before_training=false"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    proc = run_miles(*common, "--out", str(full))
+    assert ("without BF16 instructions" in proc.stderr) == (not cpu_bf16_flags())
+    shutil.copytree(full, cut)
+    final = ckpt.checkpoint_path(Path("checkpoints"), 4)
+    (cut / final).unlink()
+    (cut / "metrics.json").unlink()
+    lines = (cut / "log.jsonl").read_text().splitlines()
+    (cut / "log.jsonl").write_text("".join(line + "\n" for line in lines[:2]))
+    run_miles(*common, "--out", str(cut), "--resume")
+    assert [s for s, _, _ in logged_losses(cut)] == [1, 2, 3, 4]
+    assert logged_losses(cut) == logged_losses(full)
+    a, b = ckpt.load(full / final), ckpt.load(cut / final)
+    assert a["config"]["train"]["precision"] == "bf16"
+    for part in ("model", "snapshot"):
+        assert a[part].keys() == b[part].keys()
+        for key, value in a[part].items():
+            assert torch.equal(value, b[part][key]), f"{part}.{key}"
