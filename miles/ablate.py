@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from miles.config import Config, ConfigError, build_config
+from miles.stop import StopRequested
 
 log = logging.getLogger("miles")
 
@@ -156,7 +157,14 @@ def run_ablation(
         metrics = _finished(run_dir, cfg)
         if metrics is None:
             log.info("ablation run %d/%d: %s, seed %d -> %s", index, len(plan), variant.name, seed, run_dir)
-            metrics = pretrain(cfg, run_dir)
+            try:
+                metrics = pretrain(cfg, run_dir)
+            except StopRequested as err:  # the run's message says "--resume": ablate needs no flag
+                raise StopRequested(
+                    err.signum,
+                    f"{err} (for miles ablate: rerun the same ablate command; it reuses the finished runs "
+                    f"and resumes {run_dir})",
+                ) from err
         else:
             log.info(
                 "ablation run %d/%d: %s, seed %d: done earlier (%s)",

@@ -10,7 +10,6 @@ beside the fine-tuned and the best (`checkpoints/best.pt`, chosen by `train.best
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -20,13 +19,7 @@ from miles import checkpoint as ckpt
 from miles.config import Config, ConfigError, build_config
 from miles.model import MilesModel
 from miles.pretrain import Columns, run_pretraining
-from miles.released import (
-    PRETRAINING_ONLY,
-    CheckpointFile,
-    infer_model_overrides,
-    load_whole,
-    read_checkpoint_file,
-)
+from miles.released import CheckpointFile, infer_model_overrides, load_whole, read_checkpoint_file
 
 log = logging.getLogger("miles")
 
@@ -44,7 +37,7 @@ MODEL_SHAPE_KEYS = (
     "projection_dim",
 )
 PREDICTOR_SHAPE_KEYS = ("predictor_dim", "predictor_depth", "predictor_heads")  # used with mvm.enabled=true
-COLUMNS = Columns(before="zero-shot", after="finetuned", before_key="zero_shot")
+COLUMNS = Columns(job="finetune", before="zero-shot", after="finetuned", before_key="zero_shot")
 
 
 def shape_overrides(file: CheckpointFile, text_model: str | None = None) -> list[str]:
@@ -110,28 +103,15 @@ def finetune_config(
     return cfg
 
 
-def load_init(model: MilesModel, file: CheckpointFile, allow_partial: bool) -> None:
-    """The `--init` weights, strictly (`miles.released.load_whole`). Without MVM (`mvm.enabled=false`, the
-    presets' default) the model has no predictor, so the file's pre-training-only predictor is left out."""
-    if model.predictor is None:
-        dropped = [k for k in file.state if k.startswith(PRETRAINING_ONLY)]
-        if dropped:
-            log.info(
-                "--init: %d MVM predictor tensors of %s not used (mvm.enabled=false)", len(dropped), file.path
-            )
-            kept = {k: v for k, v in file.state.items() if not k.startswith(PRETRAINING_ONLY)}
-            file = dataclasses.replace(file, state=kept)
-    load_whole(model, file, allow_partial=allow_partial)
-
-
 def _build(cfg: Config, with_init: bool) -> MilesModel:
     """The job's model: the config's shape, then the `--init` weights unless a resumed checkpoint's
     replace them (the file is read here, not kept from `finetune_config`, so it is not held in memory)."""
     shape = copy.deepcopy(cfg)
-    shape.model.init_checkpoint = ""  # loaded below, with the predictor rule of load_init
+    shape.model.init_checkpoint = ""  # loaded below, only when no resumed checkpoint replaces it
     model = MilesModel(shape)
     if with_init:
-        load_init(model, read_checkpoint_file(cfg.model.init_checkpoint), cfg.model.allow_partial_init)
+        file = read_checkpoint_file(cfg.model.init_checkpoint)
+        load_whole(model, file, allow_partial=cfg.model.allow_partial_init)
     return model
 
 

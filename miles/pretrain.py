@@ -141,8 +141,10 @@ def _find_resume_point(ckpt_dir: Path, main: bool) -> tuple[Path, dict[str, Any]
 
 @dataclass(frozen=True)
 class Columns:
-    """What a job calls its evaluations: before training (also its metrics.json key), after, and best."""
+    """What a job calls itself (its progress bar) and its evaluations: before training (also its
+    metrics.json key) and after."""
 
+    job: str = "pretrain"
     before: str = "untrained"
     after: str = "trained"
     before_key: str = "untrained"
@@ -209,7 +211,14 @@ def run_pretraining(
         return evaluate(m, val_entries, cfg, dist.device, classes, progress=main)
 
     trainer = Trainer(
-        cfg, train_entries, out_dir, dist, model=model, data_backend=data_backend, evaluator=evaluator
+        cfg,
+        train_entries,
+        out_dir,
+        dist,
+        model=model,
+        data_backend=data_backend,
+        evaluator=evaluator,
+        job=columns.job,
     )
     latest = _find_resume_point(trainer.ckpt_dir, main) if resume else None
     if resume and latest is None:

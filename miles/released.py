@@ -148,11 +148,13 @@ def _why_missing(key: str) -> str:
     return "not in the file"
 
 
-def _why_unexpected(key: str) -> str | None:
+def _why_unexpected(key: str, model_has_predictor: bool) -> str | None:
     """The reason a file tensor may go unused, or None when it must not."""
     for prefix, why in HARMLESS_EXTRAS.items():
         if key.startswith(prefix):
             return why
+    if key.startswith(PRETRAINING_ONLY) and not model_has_predictor:
+        return "the MVM predictor of a pre-training run: this model has none (mvm.enabled=false)"
     return None
 
 
@@ -173,7 +175,8 @@ def load_whole(model: nn.Module, file: CheckpointFile, *, allow_partial: bool = 
             f"mismatches, e.g. {'; '.join(mismatched[:3])}; check model.* (and --text-model) against it"
         )
     report.missing = {k: _why_missing(k) for k in own if k not in file.state}
-    extra = {k: _why_unexpected(k) for k in file.state if k not in own}
+    has_predictor = any(k.startswith(PRETRAINING_ONLY) for k in own)
+    extra = {k: _why_unexpected(k, has_predictor) for k in file.state if k not in own}
     report.unexpected = {k: why or "not part of this model" for k, why in extra.items()}
     must_have = [k for k in report.missing if not k.startswith(PRETRAINING_ONLY)]
     unexplained = [k for k, why in extra.items() if why is None]

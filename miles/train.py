@@ -278,10 +278,13 @@ class Trainer:
         model: MilesModel | None = None,
         data_backend: str = "reference",
         evaluator: Callable[[MilesModel], dict[str, Any]] | None = None,
+        job: str = "pretrain",
     ) -> None:
         """`evaluator` (collective, like `miles.evaluate.evaluate`) runs every `train.eval_every` steps and
-        at the last one; its `train.best_metric` picks `checkpoints/best.pt` and drives early stopping."""
+        at the last one; its `train.best_metric` picks `checkpoints/best.pt` and drives early stopping.
+        `job` names the progress bar."""
         self.cfg = cfg
+        self.job = job
         self.out_dir = out_dir
         self.dist = dist
         self.device = dist.device
@@ -671,7 +674,7 @@ class Trainer:
             total=t.max_steps,
             initial=self.state.step,
             disable=not main,
-            desc="pretrain",
+            desc=self.job,
             unit="step",
             dynamic_ncols=True,
         )

@@ -37,4 +37,5 @@ def run_miles(
 
 def logged_losses(run: Path) -> list[tuple[int, float, float]]:
     lines = (run / "log.jsonl").read_text().splitlines()
-    return [(r["step"], r["loss"], r["mvm"]) for r in map(json.loads, lines)]
+    records = map(json.loads, lines)  # training lines; periodic evaluations log metrics, not losses
+    return [(r["step"], r["loss"], r["mvm"]) for r in records if "loss" in r]

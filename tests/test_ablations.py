@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -332,3 +333,19 @@ def test_ablate_refuses_overrides_of_the_keys_it_sets() -> None:
     for override in ("train.seed=3", "mvm.target=pixel", "train.max_steps=5"):
         with pytest.raises(ConfigError, match="sets .* itself"):
             run_ablation("target", 2, 1, Path("/nonexistent"), "smoke", [override], pretrain=never)
+
+
+def test_a_stopped_ablation_says_to_rerun_the_same_command(tmp_path: Path) -> None:
+    """A signal stops the current run with its own "--resume" advice; ablate resumes without the flag."""
+    from miles.ablate import run_ablation
+    from miles.stop import EXIT_PREEMPTED, StopRequested
+
+    def preempted(cfg, out):  # noqa: ANN001, ANN202
+        raise StopRequested(signal.SIGTERM, "stopped after step 3; the same command with --resume continues")
+
+    with pytest.raises(StopRequested) as err:
+        run_ablation("snapshot", 5, 1, tmp_path / "ablate", "smoke", [], pretrain=preempted)
+    assert err.value.exit_code == EXIT_PREEMPTED and err.value.signum == signal.SIGTERM
+    assert "stopped after step 3" in str(err.value)
+    assert "rerun the same ablate command" in str(err.value)
+    assert str(tmp_path / "ablate" / "contrastive_only" / "seed0") in str(err.value)

@@ -20,7 +20,7 @@ from miles.checkpoint import CheckpointError
 from miles.cli import main
 from miles.config import build_config
 from miles.model import MilesModel
-from miles.released import infer_model_overrides, read_checkpoint_file
+from miles.released import infer_model_overrides, load_whole, read_checkpoint_file
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -131,6 +131,22 @@ def test_loading_is_strict_and_a_partial_load_says_what_is_random(
     torch.save({"state_dict": {**state, "module.head.weight": torch.zeros(3)}}, extra)
     with pytest.raises(CheckpointError, match=r"1 tensors of the file unused \(e.g. head.weight\)"):
         MilesModel(build_config("smoke", overrides=[*base, f"model.init_checkpoint={extra}"]))
+
+
+def test_a_pretraining_checkpoint_initialises_a_model_without_mvm(released: dict) -> None:
+    """Our checkpoint holds the MVM predictor; a contrastive-only model (mvm.enabled=false) has none, so
+    those tensors go unused, said why, and every other tensor still loads strictly."""
+    overrides = [f"model.text_model={released['text']}", "mvm.enabled=false"]
+    model = MilesModel(build_config("smoke", overrides=overrides))
+    assert model.predictor is None
+    report = load_whole(model, read_checkpoint_file(released["paths"]["ours"]))
+    predictor = {k for k in released["state"] if k.startswith("predictor.")}
+    assert predictor and set(report.unexpected) == predictor and not report.missing
+    assert all("this model has none (mvm.enabled=false)" in why for why in report.unexpected.values())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, released["state"][key]), key
+    with_mvm = MilesModel(build_config("smoke", overrides=overrides[:1]))  # has a predictor: all of it loads
+    assert not load_whole(with_mvm, read_checkpoint_file(released["paths"]["ours"])).unexpected
 
 
 def test_a_text_tower_of_another_size_names_the_key_and_both_shapes(
