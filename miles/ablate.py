@@ -131,7 +131,7 @@ def run_config(preset: str, variant: Variant, steps: int, seed: int, overrides: 
 
 def run_ablation(
     axis: str = "target",
-    steps: int = 150,
+    steps: int = 80,
     seeds: int = 2,
     out_dir: Path = Path("runs/ablate"),
     preset: str = "demo",

@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
         "ablate", help="the ablations: each variant pre-trained and evaluated alike, a table and a chart"
     )
     abl.add_argument("--axis", default="target", help="target | masking | snapshot | all")
-    abl.add_argument("--steps", type=int, default=150, help="pre-training steps of every run")
+    abl.add_argument("--steps", type=int, default=80, help="pre-training steps of every run")
     abl.add_argument("--seeds", type=int, default=2, help="runs per variant (train.seed 0, 1, ...)")
     abl.add_argument("--out", type=Path, default=Path("runs/ablate"), help="runs, ablation.md / .png / .json")
     abl.add_argument("--preset", default="demo", help=f"one of: {', '.join(available_presets())}")

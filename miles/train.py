@@ -34,7 +34,14 @@ from data_dali.loaders import DataSource, build_loader, data_fingerprint
 from data_dali.reference_loader import set_loader_epoch
 from miles import checkpoint as ckpt
 from miles.checkpoint import CheckpointError
-from miles.config import BEST_METRICS, Config, ConfigError, best_metric_terms, config_differences
+from miles.config import (
+    BEST_METRICS,
+    Config,
+    ConfigError,
+    TrainConfig,
+    best_metric_terms,
+    config_differences,
+)
 from miles.distributed import DistInfo, all_gather_objects, all_reduce_mean, broadcast_from_main
 from miles.model import MilesModel
 from miles.snapshot import SnapshotEncoder
@@ -125,6 +132,13 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def ddp_static_graph(t: TrainConfig) -> bool:
+    """Every step uses the same parameters, so DDP may fix its buckets and hook order after the first.
+    Not with accumulation: static_graph under no_sync() crashes or silently stops all-reducing
+    gradients from the second step on (pytorch/pytorch#187732, open in torch 2.14)."""
+    return t.ddp_static_graph and t.grad_accum == 1
 
 
 def param_groups(model: MilesModel, cfg: Config) -> list[dict[str, Any]]:
@@ -324,11 +338,19 @@ class Trainer:
                 module.compile(backend=cfg.train.compile_backend)
         self.ddp: nn.Module = self.model
         if dist.world_size > 1:
+            static = ddp_static_graph(cfg.train)
             self.ddp = DistributedDataParallel(
                 self.model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: one copy fewer
+                static_graph=static,
             )
+            if dist.rank == 0:
+                log.info(
+                    "DDP over %d processes: static graph %s",
+                    dist.world_size,
+                    "on" if static else "off (train.grad_accum > 1 or train.ddp_static_graph=false)",
+                )
         self.loader = build_loader(
             data_backend,
             train_source,
