@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from runs import data_overrides, logged_losses, run_miles
 
 import kernels
 from miles.config import ConfigError, build_config
@@ -18,7 +19,6 @@ from miles.model import MilesModel
 from miles.snapshot import SnapshotEncoder, cosine_momentum
 from miles.targets import hog_cells, hog_targets, input_targets, pixel_targets, target_dim
 from miles.video_encoder import SpaceTimeTransformer
-from runs import data_overrides, logged_losses, run_miles
 
 
 def _real_frames(height: int, width: int) -> np.ndarray:
