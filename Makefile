@@ -17,7 +17,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/miles pretrain
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=20 tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=20 -n auto --maxprocesses=4 tests
 
 # The bench extra adds decord: the peers' loader, which the data-loading benchmark compares with.
 $(VENV)/.bench-installed: $(STAMP)

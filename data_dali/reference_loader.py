@@ -151,9 +151,9 @@ def _frame_count(container: av.container.InputContainer, stream: av.video.stream
     return 0
 
 
-def decode_threads(cores: int | None = None, workers: int | None = None) -> int:
+def decode_threads(cores: int | None = None, workers: int | None = None, minimum: int = 2) -> int:
     """Codec threads for one decoder: the cores per decoding process (loader workers times local ranks),
-    but at least 2 and at most ``DECODE_MAX_THREADS``.
+    but at least ``minimum`` and at most ``DECODE_MAX_THREADS``.
 
     At least 2: frame threads cost some CPU (7 % more per epoch of the data-loading benchmark, measured
     on 2 cores), but they let a worker whose batch holds the long clips use a core that another worker
@@ -165,7 +165,7 @@ def decode_threads(cores: int | None = None, workers: int | None = None) -> int:
         info = get_worker_info()
         ranks = os.environ.get("LOCAL_WORLD_SIZE", "1")  # set by torchrun
         workers = (info.num_workers if info is not None else 1) * (int(ranks) if ranks.isdigit() else 1)
-    return max(2, min(DECODE_MAX_THREADS, cores // max(1, workers)))
+    return max(minimum, min(DECODE_MAX_THREADS, cores // max(1, workers)))
 
 
 def frame_to_rgb(frame: av.VideoFrame, width: int | None = None, height: int | None = None) -> np.ndarray:

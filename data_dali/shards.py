@@ -789,8 +789,9 @@ def prepare_shards(
         todo = clips[done_until:]
         writer = _ShardWriter(out_dir, clips_per_shard, len({r["shard"] for r in index}), float(fps))
         workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
-        # Cores are shared out between the worker processes, as in the reference loader's workers.
-        threads = decode_threads(os.cpu_count() or 1, workers)
+        # Cores are shared out between the worker processes. Unlike a loader's workers these decode
+        # without pause, so there is no idle core to borrow: one thread each when they fill the cores.
+        threads = decode_threads(os.cpu_count() or 1, workers, minimum=1)
         jobs = [
             (c.position, str(c.source), float(fps), int(size), int(quality), int(max_frames), threads)
             for c in todo

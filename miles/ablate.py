@@ -150,11 +150,13 @@ def run_ablation(
     # seed-major: every variant's first seed finishes before any second one, so an ablation cut short
     # still gives a one-seed table (rerun with --seeds 1: the finished runs are reused)
     plan = [(v, s, run_config(preset, v, steps, s, overrides or [])) for s in range(seeds) for v in chosen]
+    run_dirs = [out_dir / _slug(variant.name) / f"seed{seed}" for variant, seed, _ in plan]
+    for run_dir, (_, _, cfg) in zip(run_dirs, plan, strict=True):  # all of them before any run starts
+        _check_earlier_run(run_dir, cfg)
     started = time.perf_counter()
     records: list[dict[str, Any]] = []
-    for index, (variant, seed, cfg) in enumerate(plan, 1):
-        run_dir = out_dir / _slug(variant.name) / f"seed{seed}"
-        metrics = _finished(run_dir, cfg)
+    for index, (run_dir, (variant, seed, cfg)) in enumerate(zip(run_dirs, plan, strict=True), 1):
+        metrics = _finished(run_dir)
         if metrics is None:
             log.info("ablation run %d/%d: %s, seed %d -> %s", index, len(plan), variant.name, seed, run_dir)
             try:
@@ -202,25 +204,28 @@ def run_ablation(
     return report
 
 
-def _finished(run_dir: Path, cfg: Config) -> dict[str, Any] | None:
-    """The metrics of an earlier run of exactly this configuration, or None; a different one is refused."""
-    metrics_path, config_path = run_dir / "metrics.json", run_dir / "config.yaml"
-    if not metrics_path.is_file():
-        return None
-    metrics = json.loads(metrics_path.read_text())
-    if "t2v" not in metrics:  # only the untrained evaluation was written: the run did not finish
-        return None
+def _check_earlier_run(run_dir: Path, cfg: Config) -> None:
+    """A run folder that exists (finished or cut short) must hold exactly this configuration: resuming
+    or reusing one of another would mix two configurations in one row."""
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        return
     import yaml
 
-    if not config_path.is_file():  # metrics without the config it came from: cannot be trusted as this run
-        return None
-    saved = yaml.safe_load(config_path.read_text())
-    if saved != json.loads(json.dumps(cfg.to_dict())):
+    if yaml.safe_load(config_path.read_text()) != json.loads(json.dumps(cfg.to_dict())):
         raise ConfigError(
-            f"{run_dir} holds a finished run of another configuration (compare {config_path}); "
+            f"{run_dir} holds a run of another configuration (compare {config_path}); "
             "give a new --out, or delete that folder to run it again"
         )
-    return metrics
+
+
+def _finished(run_dir: Path) -> dict[str, Any] | None:
+    """The metrics of a finished earlier run (its configuration already checked), or None."""
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.is_file() or not (run_dir / "config.yaml").is_file():
+        return None  # not run, or metrics without the config they came from: not trusted as this run
+    metrics = json.loads(metrics_path.read_text())
+    return metrics if "t2v" in metrics else None  # only the untrained evaluation: not finished
 
 
 def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

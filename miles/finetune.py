@@ -36,7 +36,8 @@ MODEL_SHAPE_KEYS = (
     "text_model",
     "projection_dim",
 )
-PREDICTOR_SHAPE_KEYS = ("predictor_dim", "predictor_depth", "predictor_heads")  # used with mvm.enabled=true
+# used with mvm.enabled=true; the predictor's head width follows mvm.target (miles.targets.target_dim)
+PREDICTOR_SHAPE_KEYS = ("predictor_dim", "predictor_depth", "predictor_heads", "target")
 COLUMNS = Columns(job="finetune", before="zero-shot", after="finetuned", before_key="zero_shot")
 
 

@@ -238,7 +238,7 @@ def run_pretraining(
         untrained = evaluator(trainer.model)
         if main:
             _write_json(metrics_path, {columns.before_key: untrained})
-            trainer.log_scalars("eval_untrained", metric_groups(untrained), step=0)
+            trainer.log_scalars(f"eval_{columns.before_key}", metric_groups(untrained), step=0)
     barrier()
     summary = trainer.fit()
     result: dict[str, Any] = {}

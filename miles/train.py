@@ -384,7 +384,9 @@ class Trainer:
         self._tb: Any = None  # TensorBoard writer, opened on first use (rank 0)
         self._tb_missing = False  # the package is not installed: warned once
         if dist.rank == 0:
-            warn_slow_bf16(self.device, cfg.train.precision, cfg.mvm.snapshot_precision)
+            # the snapshot's own precision matters only where there is a snapshot encoder
+            snapshot_precision = cfg.mvm.snapshot_precision if self.snapshot is not None else "auto"
+            warn_slow_bf16(self.device, cfg.train.precision, snapshot_precision)
 
     # ----------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -702,7 +704,7 @@ class Trainer:
         )
         log_file = open(self.log_path, "a") if main else None
         started = time.perf_counter()
-        clips_done = 0
+        clips_done, step_seconds = 0, 0.0  # the steps alone (data included; evaluations, saves not)
         last: dict[str, float] = {}
         try:
             while self.state.step < t.max_steps and not self.best.stopped_early:
@@ -710,6 +712,7 @@ class Trainer:
                 last = self.train_step(stream, self.stop.signum or 0)
                 elapsed = time.perf_counter() - tick
                 clips_done += int(last["clips"])
+                step_seconds += elapsed
                 last["clips_per_s"] = last["clips"] / max(elapsed, 1e-9)
                 agreed_stop = last.pop("stop") > 0
                 if main:
@@ -746,7 +749,7 @@ class Trainer:
         return {
             "steps": self.state.step,
             "train_seconds": wall,
-            "clips_per_s": clips_done / max(wall, 1e-9),
+            "clips_per_s": clips_done / max(step_seconds, 1e-9),
             "final": last,
             "skipped_videos": sorted(set().union(*all_gather_objects(self.state.skipped))),
             "best": asdict(self.best) if self.best.value is not None else None,

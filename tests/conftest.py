@@ -14,6 +14,16 @@ from data_dali.demo import write_demo_dataset
 from miles.text_encoder import shipped_minilm_dir
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`make test` runs one worker per core, up to 4) each worker's in-process torch
+    gets its share of the cores, so workers do not oversubscribe them; the CLI runs use one thread."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     """Local Hugging Face model folder, so tests need no network."""

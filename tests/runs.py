@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,3 +40,15 @@ def logged_losses(run: Path) -> list[tuple[int, float, float]]:
     lines = (run / "log.jsonl").read_text().splitlines()
     records = map(json.loads, lines)  # training lines; periodic evaluations log metrics, not losses
     return [(r["step"], r["loss"], r["mvm"]) for r in records if "loss" in r]
+
+
+def as_killed_after(finished: Path, out: Path, step: int) -> None:
+    """`out`: a copy of the finished run `finished` as a kill right after `step` would leave it (no later
+    checkpoint, log line or metrics.json), for resume tests that need not pay for the killed launch."""
+    shutil.copytree(finished, out)
+    for path in (out / "checkpoints").glob("step_*.pt"):
+        if int(path.stem.split("_")[1]) > step:
+            path.unlink()
+    (out / "metrics.json").unlink()
+    lines = (out / "log.jsonl").read_text().splitlines()
+    (out / "log.jsonl").write_text("".join(f"{line}\n" for line in lines if json.loads(line)["step"] <= step))

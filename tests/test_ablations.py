@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from runs import data_overrides, logged_losses, run_miles
+from runs import as_killed_after, data_overrides, logged_losses, run_miles
 
 import kernels
 from miles.config import ConfigError, build_config
@@ -244,7 +244,7 @@ def test_hog_per_frame_run_resumes_exactly_without_a_snapshot(smoke_data: Path, 
     common += data_overrides(smoke_data)
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     run_miles(*common, "--out", str(whole))
-    assert run_miles(*common, "--out", str(cut), "train.crash_at_step=2", check=False).returncode == -9
+    as_killed_after(whole, cut, 2)  # test_pretrain_e2e kills for real: here one launch fewer
     old = tmp_path / "old"  # the same checkpoint as written before these keys existed
     shutil.copytree(cut, old)
     state = torch.load(old / "checkpoints" / "step_00000002.pt", weights_only=True)
@@ -349,3 +349,20 @@ def test_a_stopped_ablation_says_to_rerun_the_same_command(tmp_path: Path) -> No
     assert "stopped after step 3" in str(err.value)
     assert "rerun the same ablate command" in str(err.value)
     assert str(tmp_path / "ablate" / "contrastive_only" / "seed0") in str(err.value)
+
+
+def test_ablate_refuses_an_unfinished_run_of_another_configuration(tmp_path: Path) -> None:
+    """A run cut short under other overrides is not resumed into this table: refused before any run."""
+    import yaml
+
+    from miles.ablate import BASELINE, Variant, run_ablation, run_config
+
+    def never(cfg, out):  # noqa: ANN001, ANN202
+        raise AssertionError("no run may start")
+
+    other = run_config("smoke", Variant(BASELINE, ("mvm.enabled=false",)), 2, 0, ["train.lr=0.001"])
+    cut_short = tmp_path / "ablate" / "mask_random_tubes" / "seed0"  # the last run of the plan
+    cut_short.mkdir(parents=True)
+    (cut_short / "config.yaml").write_text(yaml.safe_dump(other.to_dict()))
+    with pytest.raises(ConfigError, match="mask_random_tubes/seed0 holds a run of another configuration"):
+        run_ablation("masking", 2, 1, tmp_path / "ablate", "smoke", [], pretrain=never)

@@ -262,3 +262,20 @@ def test_bad_settings_are_refused_before_any_work(
     assert code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_finetuning_with_mvm_takes_the_predictor_shape_and_target_of_the_init(
+    tiny_text: Path, tmp_path: Path
+) -> None:
+    """With mvm.enabled=true the --init predictor loads whole: its head width follows mvm.target (108 for
+    HOG at patch 8), so the target comes from the checkpoint's config along with the predictor's size."""
+    cfg = build_config("smoke", overrides=[f"model.text_model={tiny_text}", "mvm.target=hog"])
+    torch.manual_seed(0)
+    state = MilesModel(cfg).state_dict()
+    init = tmp_path / "hog.pt"
+    torch.save({"config": cfg.to_dict(), "model": state, "step": 0}, init)
+    tuned = finetune_config(init, PRESET, None, ["mvm.enabled=true"])
+    assert tuned.mvm.target == "hog" and tuned.mvm.predictor_dim == cfg.mvm.predictor_dim
+    model = MilesModel(tuned)  # loads model.init_checkpoint strictly
+    for key, value in state.items():
+        assert torch.equal(model.state_dict()[key], value), key

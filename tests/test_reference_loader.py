@@ -300,6 +300,7 @@ def test_decode_is_exact_with_any_thread_count(
 def test_decode_threads_share_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert ref.decode_threads(cores=2, workers=2) == 2  # never fewer than 2 (see decode_threads)
+    assert ref.decode_threads(cores=2, workers=2, minimum=1) == 1  # miles prepare: workers fill the cores
     assert ref.decode_threads(cores=6, workers=2) == 3
     assert ref.decode_threads(cores=64, workers=2) == ref.DECODE_MAX_THREADS == 4
     assert ref.decode_threads(cores=3) == 3  # no loader workers: the main process decodes
