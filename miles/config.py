@@ -481,7 +481,8 @@ def validate(cfg: Config, *, check_files: bool = False) -> None:
     _require(
         t.early_stop_patience == 0 or t.eval_every > 0,
         "train.early_stop_patience",
-        f"{t.early_stop_patience} counts evaluations, and train.eval_every=0 makes none: set train.eval_every",
+        f"{t.early_stop_patience} counts evaluations, and train.eval_every=0 makes none: set "
+        "train.eval_every",
     )
     if check_files:
         check_data_files(cfg)
