@@ -9,17 +9,14 @@ beside the fine-tuned and the best (`checkpoints/best.pt`, chosen by `train.best
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
-from miles import checkpoint as ckpt
 from miles.config import Config, ConfigError, build_config
-from miles.model import MilesModel
 from miles.pretrain import Columns, run_pretraining
-from miles.released import CheckpointFile, infer_model_overrides, load_whole, read_checkpoint_file
+from miles.released import CheckpointFile, infer_model_overrides, read_checkpoint_file
 
 log = logging.getLogger("miles")
 
@@ -104,24 +101,11 @@ def finetune_config(
     return cfg
 
 
-def _build(cfg: Config, with_init: bool) -> MilesModel:
-    """The job's model: the config's shape, then the `--init` weights unless a resumed checkpoint's
-    replace them (the file is read here, not kept from `finetune_config`, so it is not held in memory)."""
-    shape = copy.deepcopy(cfg)
-    shape.model.init_checkpoint = ""  # loaded below, only when no resumed checkpoint replaces it
-    model = MilesModel(shape)
-    if with_init:
-        file = read_checkpoint_file(cfg.model.init_checkpoint)
-        load_whole(model, file, allow_partial=cfg.model.allow_partial_init)
-    return model
-
-
 def run_finetuning(
     cfg: Config, out_dir: Path, resume: bool = False, allow_data_change: bool = False
 ) -> dict[str, Any]:
     """The fine-tuning job; returns what it writes to `out_dir/metrics.json` (rank 0): the fine-tuned
     numbers, `zero_shot` (the init model, when `eval.before_training`) and `best` (step, value, metrics)."""
-    with_init = not (resume and ckpt.list_checkpoints(out_dir / "checkpoints"))
     log.info(
         "fine-tuning %s on %s, evaluating %s every %d steps, best by %s",
         cfg.model.init_checkpoint,
@@ -135,6 +119,5 @@ def run_finetuning(
         out_dir,
         resume,
         allow_data_change,
-        build_model=lambda c: _build(c, with_init),
         columns=COLUMNS,
     )

@@ -7,6 +7,7 @@ miles/released.py.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,14 @@ class StepOutput:
     loss: torch.Tensor
     contrastive: torch.Tensor
     mvm: torch.Tensor
+
+
+def without_starting_weights(cfg: Config) -> Config:
+    """The config's model shape without its starting files (`model.init_checkpoint`, `video_weights`):
+    for a model whose every weight comes from a checkpoint next."""
+    shape = copy.deepcopy(cfg)
+    shape.model.init_checkpoint = shape.model.video_weights = ""
+    return shape
 
 
 class MilesModel(nn.Module):

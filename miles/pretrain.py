@@ -6,7 +6,6 @@ import copy
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from miles.attention import resolve_attention, set_attention_backend
 from miles.config import Config, ConfigError, check_data_files
 from miles.distributed import barrier, broadcast_from_main, init_distributed
 from miles.evaluate import EvalSet, chance_column, evaluate, format_table, read_classes
-from miles.model import MilesModel
+from miles.model import MilesModel, without_starting_weights
 from miles.released import (
     CheckpointFile,
     infer_model_overrides,
@@ -155,14 +154,13 @@ def run_pretraining(
     out_dir: Path,
     resume: bool = False,
     allow_data_change: bool = False,
-    build_model: Callable[[Config], MilesModel] = MilesModel,
     columns: Columns = Columns(),
 ) -> dict[str, Any]:
     """The whole job; returns what it writes to `out_dir/metrics.json` (rank 0).
 
     `resume`: continue from the newest readable checkpoint in `out_dir` if there is one, else start
-    afresh there (so one command line serves the first start and every requeue). `build_model`: the
-    model before training (`miles finetune` loads its --init there); `columns`: the table's names."""
+    afresh there (so one command line serves the first start and every requeue); `columns`: the job's
+    names (`miles finetune` is this job, with its --init as `model.init_checkpoint`)."""
     dist = init_distributed()
     main = dist.rank == 0
     attention = resolve_attention(cfg.model.attention, dist.device)  # refuses xformers without CUDA, now
@@ -181,7 +179,10 @@ def run_pretraining(
     check_val_readable(cfg, val_entries, main)
     data_backend, data_why = _choose_data_backend(cfg, train_entries, dist.device, main)
     seed_everything(cfg.train.seed)
-    model = build_model(cfg)  # before anything on disk changes: a model that cannot be built moves nothing
+    latest = _find_resume_point(out_dir / "checkpoints", main) if resume else None
+    # before anything on disk changes: a model that cannot be built moves nothing. A resumed run's
+    # checkpoint holds every weight, so its starting files are not read again (nor needed any more).
+    model = MilesModel(without_starting_weights(cfg) if latest is not None else cfg)
     if main and not resume and out_dir.is_dir() and any(out_dir.iterdir()):
         aside = out_dir.with_name(f"{out_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         out_dir.rename(aside)
@@ -220,7 +221,6 @@ def run_pretraining(
         evaluator=evaluator,
         job=columns.job,
     )
-    latest = _find_resume_point(trainer.ckpt_dir, main) if resume else None
     if resume and latest is None:
         log.info("--resume: no checkpoint in %s yet, starting from scratch", trainer.ckpt_dir)
         if main:
@@ -348,11 +348,8 @@ def model_from_checkpoint(
 
     file = read_checkpoint_file(checkpoint)
     cfg = _checkpoint_config(file, text_model, overrides or [])
-    shape = cfg
-    if file.config is not None:  # ours holds every weight: the run's starting files are not read again
-        shape = copy.deepcopy(cfg)
-        shape.model.init_checkpoint = shape.model.video_weights = ""
-    model = MilesModel(shape).to(device)
+    # ours holds every weight: the run's starting files are not read again
+    model = MilesModel(without_starting_weights(cfg) if file.config is not None else cfg).to(device)
     set_attention_backend(model, resolve_attention(cfg.model.attention, device).backend)
     if file.config is not None:
         diff = config_differences(file.config, cfg)

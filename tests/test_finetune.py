@@ -117,11 +117,19 @@ def test_finetune_end_to_end_keeps_the_best_logged_evaluation(
 
 
 def test_finetune_resume_is_exact(
-    finetuned: tuple[Path, str], pretrained: Path, downstream: Path, tmp_path: Path
+    finetuned: tuple[Path, str], pretrained: Path, downstream: Path, tmp_path: Path, monkeypatch
 ) -> None:
     """SIGTERM after step 3 (after the first evaluation), then --resume: the same losses, the same
-    evaluation records (patience count included) and the same best.pt as the uninterrupted run.
+    evaluation records (patience count included) and the same best.pt as the uninterrupted run; the
+    resumed run takes its weights from its checkpoint, not --init again.
     In this process (the CLI's own path is the fixture's), on one thread as the CLI runs were."""
+    import miles.model
+
+    init_loads = []
+    load_whole = miles.model.load_whole
+    monkeypatch.setattr(
+        miles.model, "load_whole", lambda *a, **k: init_loads.append(1) or load_whole(*a, **k)
+    )
     reference, _ = finetuned
     run = tmp_path / "run"
     data = {"train": downstream / "train.csv", "val": downstream / "val.csv"}
@@ -131,8 +139,9 @@ def test_finetune_resume_is_exact(
         crash = ["train.crash_at_step=3", "train.crash_signal=TERM"]
         with pytest.raises(StopRequested, match="stopped by SIGTERM after step 3 of 6"):
             run_finetuning(finetune_config(pretrained, PRESET, None, overrides + crash, **data), run)
-        assert [r["step"] for r in _records(run)[1]] == [2]
+        assert [r["step"] for r in _records(run)[1]] == [2] and init_loads == [1]
         run_finetuning(finetune_config(pretrained, PRESET, None, overrides, **data), run, resume=True)
+        assert init_loads == [1]
     finally:
         torch.set_num_threads(threads)
     (train, evals), (train_ref, evals_ref) = _records(run), _records(reference)
