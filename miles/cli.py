@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from data_dali.demo import DEMO_KINDS
 from data_dali.manifest import ManifestError
 from miles.config import Config, ConfigError, available_presets, build_config, check_data_files
 from miles.stop import EXIT_INTERRUPTED, EXIT_REFUSED, RunFailed, StopRequested
@@ -43,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument(
         "--kind",
-        choices=("pretrain", "downstream"),
+        choices=DEMO_KINDS,
         default="pretrain",
         help="downstream: the retrieval split whose colour x shape pairs and phrasings pre-training lacks",
     )

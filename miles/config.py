@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from data_dali.demo import DEMO_KINDS
 from data_dali.loaders import DATA_BACKENDS
 from data_dali.shards import is_shard_dir
 from kernels import MASK_TYPES
@@ -328,9 +329,10 @@ RANGES: dict[str, str] = {
     "eval.dsl_temperature": "(0, inf)",
 }
 
+PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 on CUDA, fp32 on a CPU (miles.train.resolve_precision)
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.backend": DATA_BACKENDS,
-    "data.demo_kind": ("pretrain", "downstream"),
+    "data.demo_kind": DEMO_KINDS,
     "model.time_init": ("zeros", "random"),
     "model.attention": ("auto", "xformers", "sdpa", "reference"),
     "mvm.mode": ("bert", "drop"),
@@ -338,11 +340,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "mvm.contrastive_input": ("full", "masked"),
     "mvm.loss": ("mse", "smooth_l1"),
     "mvm.snapshot": ("ema", "copy"),
-    "mvm.ema_schedule": ("constant", "cosine"),
+    "mvm.ema_schedule": ("constant", "cosine"),  # miles.snapshot.MOMENTUM_SCHEDULES
     "mvm.target": TARGETS,
     "mvm.mask_type": tuple(MASK_TYPES),
-    "train.precision": ("auto", "fp32", "bf16"),
-    "mvm.snapshot_precision": ("auto", "fp32", "bf16"),
+    "train.precision": PRECISIONS,
+    "mvm.snapshot_precision": PRECISIONS,
     "train.nonfinite": ("stop", "skip"),
     "train.crash_signal": ("KILL", "TERM", "USR1", "INT"),
     "eval.protocol": ("ours", "released"),

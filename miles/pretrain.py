@@ -18,7 +18,7 @@ from data_dali.manifest import DEFAULT_LABEL_COLUMN
 from data_dali.shards import is_shard_dir
 from miles import checkpoint as ckpt
 from miles.attention import resolve_attention, set_attention_backend
-from miles.config import Config, ConfigError, check_data_files
+from miles.config import Config, ConfigError, best_metric_terms, check_data_files
 from miles.distributed import barrier, broadcast_from_main, init_distributed
 from miles.evaluate import EvalSet, chance_column, evaluate, format_table, read_classes
 from miles.model import MilesModel, without_starting_weights
@@ -76,7 +76,8 @@ def _classes_for(cfg: Config, val_source: DataSource) -> list[str] | None:
         )
     classes = read_classes(path)
     labels = EvalSet.from_source(val_source).labels
-    if cfg.train.eval_every and "zeroshot_" in cfg.train.best_metric.lower() and None in labels:
+    zeroshot = any(name.startswith("zeroshot_") for name in best_metric_terms(cfg.train.best_metric)[0])
+    if cfg.train.eval_every and zeroshot and None in labels:
         raise ConfigError(
             f"config key 'train.best_metric': {cfg.train.best_metric} needs zero-shot accuracy, and some "
             f"videos of {cfg.data.val_manifest} have no label; give labels or pick retrieval metrics"

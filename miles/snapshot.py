@@ -13,10 +13,11 @@ import math
 import torch
 import torch.nn as nn
 
+from miles.config import CHOICES
 from miles.video_encoder import SpaceTimeTransformer
 
 SNAPSHOT_MODES = ("ema", "copy", "frozen")
-MOMENTUM_SCHEDULES = ("constant", "cosine")
+MOMENTUM_SCHEDULES = CHOICES["mvm.ema_schedule"]  # constant, cosine: one list, the config's
 
 
 def cosine_momentum(base: float, step: int, total: int) -> float:

@@ -36,6 +36,7 @@ from miles import checkpoint as ckpt
 from miles.checkpoint import CheckpointError
 from miles.config import (
     BEST_METRICS,
+    PRECISIONS,
     Config,
     ConfigError,
     TrainConfig,
@@ -87,7 +88,7 @@ def cpu_bf16_flags(cpuinfo: str | None = None) -> list[str]:
 def resolve_precision(device: torch.device, precision: str) -> str:
     """`fp32` or `bf16` for `train.precision`: auto is bf16 on CUDA and fp32 on a CPU, also one with BF16
     instructions (README, "Precision": no CPU speed-up was measured here, so auto does not bet on one)."""
-    if precision not in ("auto", "fp32", "bf16"):
+    if precision not in PRECISIONS:
         raise ValueError(f"train.precision must be auto, fp32 or bf16, got {precision!r}")
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
