@@ -684,6 +684,10 @@ def run_suites(
     suites, notes = suite_files(names)
     out_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    # started from a pytest-xdist worker (the test suite), a suite would take itself for one and
+    # pytest-benchmark would switch timing off: the suites run as plain pytest
+    for key in [k for k in env if k.startswith("PYTEST_XDIST_")]:
+        del env[key]
     if quick:
         env["MILES_BENCH_QUICK"] = "1"
     written, ok = [], True

@@ -119,8 +119,6 @@ class TrainConfig:
     compile: bool = False  # torch.compile the encoders (in place: checkpoint keys unchanged)
     compile_backend: str = "inductor"  # inductor | aot_eager | eager (the last two: to check the wiring)
     threads: int = 0  # torch CPU threads; 0 = torch's default
-    # DDP static_graph (the same parameters take part in every step); used only with grad_accum 1
-    ddp_static_graph: bool = True
     nonfinite: str = "stop"  # a NaN/inf loss or gradient norm: stop (error) | skip (drop that update)
     max_nonfinite_skips: int = 5  # with nonfinite=skip: this many non-finite steps in a row stop the run
     eval_every: int = 0  # evaluate data.val_manifest every N steps and at the end; 0 = not during training

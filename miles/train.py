@@ -39,7 +39,6 @@ from miles.config import (
     PRECISIONS,
     Config,
     ConfigError,
-    TrainConfig,
     best_metric_terms,
     config_differences,
 )
@@ -133,13 +132,6 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def ddp_static_graph(t: TrainConfig) -> bool:
-    """Every step uses the same parameters, so DDP may fix its buckets and hook order after the first.
-    Not with accumulation: static_graph under no_sync() crashes or silently stops all-reducing
-    gradients from the second step on (pytorch/pytorch#187732, open in torch 2.14)."""
-    return t.ddp_static_graph and t.grad_accum == 1
 
 
 def param_groups(model: MilesModel, cfg: Config) -> list[dict[str, Any]]:
@@ -339,19 +331,14 @@ class Trainer:
                 module.compile(backend=cfg.train.compile_backend)
         self.ddp: nn.Module = self.model
         if dist.world_size > 1:
-            static = ddp_static_graph(cfg.train)
+            # No static_graph: on torch 2.14.1 it gives this step wrong gradients (norm 2.8x the
+            # single-process one at step 1, measured with two gloo ranks), and under no_sync() it fails
+            # in the reducer (pytorch/pytorch#187732). README, "Many GPUs".
             self.ddp = DistributedDataParallel(
                 self.model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: one copy fewer
-                static_graph=static,
             )
-            if dist.rank == 0:
-                log.info(
-                    "DDP over %d processes: static graph %s",
-                    dist.world_size,
-                    "on" if static else "off (train.grad_accum > 1 or train.ddp_static_graph=false)",
-                )
         self.loader = build_loader(
             data_backend,
             train_source,

@@ -78,7 +78,6 @@ def test_preemption_under_torchrun_stops_every_rank_at_one_step(smoke_data: Path
 
     full = torchrun(tmp_path / "full")
     assert full.returncode == 0, full.stderr[-3000:]
-    assert full.stderr.count("DDP over 2 processes: static graph on") == 1  # grad_accum 1: valid
     metrics = json.loads((tmp_path / "full" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["data_backend"] == "reference"
     assert all(mvm > 0 for _, _, mvm in logged_losses(tmp_path / "full"))

@@ -144,14 +144,3 @@ def test_bf16_training_resumes_exactly(smoke_data: Path, tmp_path: Path) -> None
         assert a[part].keys() == b[part].keys()
         for key, value in a[part].items():
             assert torch.equal(value, b[part][key]), f"{part}.{key}"
-
-
-def test_ddp_static_graph_only_without_accumulation() -> None:
-    """static_graph under no_sync() fails on torch 2.14.1 (an INTERNAL ASSERT in the reducer, measured
-    with two gloo ranks; pytorch/pytorch#187732): accumulation turns it off, whatever the key says."""
-    from miles.train import ddp_static_graph
-
-    train = build_config("smoke").train
-    assert train.ddp_static_graph and ddp_static_graph(train)
-    assert not ddp_static_graph(build_config("smoke", overrides=["train.grad_accum=2"]).train)
-    assert not ddp_static_graph(build_config("smoke", overrides=["train.ddp_static_graph=false"]).train)
