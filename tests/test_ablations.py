@@ -237,11 +237,13 @@ def test_accepted_combinations() -> None:
         build_config("smoke", overrides=overrides)
 
 
-def test_hog_per_frame_run_resumes_exactly_without_a_snapshot(smoke_data: Path, tmp_path: Path) -> None:
+def test_hog_per_frame_run_resumes_exactly_without_a_snapshot(
+    smoke_data: Path, tmp_path: Path, tiny_text_args: list[str]
+) -> None:
     """An input-derived target builds no snapshot encoder, per-frame masks train, and resume is exact."""
     common = ["pretrain", "--preset", "smoke", "mvm.target=hog", "mvm.mask_type=block_frame"]
     common += ["train.max_steps=4", "train.checkpoint_every=2", "eval.before_training=false"]
-    common += data_overrides(smoke_data)
+    common += [*data_overrides(smoke_data), *tiny_text_args]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     run_miles(*common, "--out", str(whole))
     as_killed_after(whole, cut, 2)  # test_pretrain_e2e kills for real: here one launch fewer
@@ -260,9 +262,12 @@ def test_hog_per_frame_run_resumes_exactly_without_a_snapshot(smoke_data: Path, 
     assert all(0.3 < x < 3 for x in mvm_losses)  # targets of mean square ~1: a loss of order 1
 
 
-def test_frozen_target_keeps_the_initial_snapshot(smoke_data: Path, tmp_path: Path) -> None:
+def test_frozen_target_keeps_the_initial_snapshot(
+    smoke_data: Path, tmp_path: Path, tiny_text_args: list[str]
+) -> None:
     out = tmp_path / "frozen"
     args = ["pretrain", "--preset", "smoke", "--out", str(out), "mvm.target=frozen", "train.max_steps=2"]
+    args += tiny_text_args
     run_miles(*args, "train.checkpoint_every=1", "eval.before_training=false", *data_overrides(smoke_data))
     first, second = (
         torch.load(out / "checkpoints" / f"step_0000000{k}.pt", weights_only=True) for k in (1, 2)
@@ -293,7 +298,9 @@ def test_summary_states_when_a_difference_is_within_seed_noise() -> None:
     assert rows["far"]["vs baseline"]["t2v MedR"] == "within seed noise"  # equal ranks
 
 
-def test_miles_ablate_end_to_end_and_resumes(smoke_data: Path, tmp_path: Path) -> None:
+def test_miles_ablate_end_to_end_and_resumes(
+    smoke_data: Path, tmp_path: Path, tiny_text_args: list[str]
+) -> None:
     out = tmp_path / "ablate"
     args = [
         "ablate",
@@ -307,6 +314,7 @@ def test_miles_ablate_end_to_end_and_resumes(smoke_data: Path, tmp_path: Path) -
         "smoke",
         "--out",
         str(out),
+        *tiny_text_args,
     ]
     run_miles(*args, *data_overrides(smoke_data), timeout=600)
     report = json.loads((out / "ablation.json").read_text())

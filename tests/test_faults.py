@@ -33,9 +33,9 @@ RUN = [
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(smoke_data: Path, tmp_path_factory) -> Path:
+def uninterrupted(smoke_data: Path, tmp_path_factory, tiny_text_args: list[str]) -> Path:
     run = tmp_path_factory.mktemp("faults") / "uninterrupted"
-    run_miles("pretrain", "--out", str(run), *RUN, *data_overrides(smoke_data))
+    run_miles("pretrain", "--out", str(run), *RUN, *tiny_text_args, *data_overrides(smoke_data))
     return run
 
 
@@ -47,10 +47,10 @@ def _same_final_weights(a: Path, b: Path) -> None:
 
 @pytest.mark.parametrize("sig,code", [("TERM", 75), ("INT", 130)])
 def test_a_signal_saves_after_the_step_and_resume_is_exact(
-    sig: str, code: int, smoke_data: Path, uninterrupted: Path, tmp_path: Path
+    sig: str, code: int, smoke_data: Path, uninterrupted: Path, tmp_path: Path, tiny_text_args: list[str]
 ) -> None:
     run = tmp_path / "run"
-    args = ["pretrain", "--out", str(run), *RUN, *data_overrides(smoke_data)]
+    args = ["pretrain", "--out", str(run), *RUN, *tiny_text_args, *data_overrides(smoke_data)]
     proc = run_miles(*args, "train.crash_at_step=5", f"train.crash_signal={sig}", check=False)
     assert proc.returncode == code, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
@@ -65,14 +65,25 @@ def test_a_signal_saves_after_the_step_and_resume_is_exact(
     _same_final_weights(run, uninterrupted)
 
 
-def test_preemption_under_torchrun_stops_every_rank_at_one_step(smoke_data: Path, tmp_path: Path) -> None:
+def test_preemption_under_torchrun_stops_every_rank_at_one_step(
+    smoke_data: Path, tmp_path: Path, tiny_text_args: list[str]
+) -> None:
     """Only rank 1 gets SIGTERM (after step 3); both ranks learn of it in step 4's collective, rank 0
     saves step 4, both exit 75; the resumed run's losses equal an uninterrupted two-rank run's."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 
     def torchrun(out: Path, *extra: str) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-        cmd += ["-m", "miles", "pretrain", "--out", str(out), *RUN, *data_overrides(smoke_data)]
+        cmd += [
+            "-m",
+            "miles",
+            "pretrain",
+            "--out",
+            str(out),
+            *RUN,
+            *tiny_text_args,
+            *data_overrides(smoke_data),
+        ]
         cmd += ["train.batch_size=4", "train.max_steps=6", *extra]
         return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
 
@@ -95,10 +106,10 @@ def test_preemption_under_torchrun_stops_every_rank_at_one_step(smoke_data: Path
 
 
 def test_resume_passes_over_an_unreadable_newest_checkpoint(
-    smoke_data: Path, uninterrupted: Path, tmp_path: Path
+    smoke_data: Path, uninterrupted: Path, tmp_path: Path, tiny_text_args: list[str]
 ) -> None:
     run = tmp_path / "run"
-    args = ["pretrain", "--out", str(run), *RUN, *data_overrides(smoke_data)]
+    args = ["pretrain", "--out", str(run), *RUN, *tiny_text_args, *data_overrides(smoke_data)]
     # --resume on a fresh folder starts the run: one command line for the first start and every requeue
     assert run_miles(*args, "--resume", "auto", "train.crash_at_step=5", check=False).returncode == -9
     newest = run / ckpt.checkpoint_path(Path("checkpoints"), 4)
@@ -110,10 +121,18 @@ def test_resume_passes_over_an_unreadable_newest_checkpoint(
 
 
 def test_diverging_training_stops_naming_the_step_and_the_last_good_checkpoint(
-    smoke_data: Path, tmp_path: Path
+    smoke_data: Path, tmp_path: Path, tiny_text_args: list[str]
 ) -> None:
     run = tmp_path / "run"
-    args = ["pretrain", "--out", str(run), *RUN, *data_overrides(smoke_data), "train.checkpoint_every=1"]
+    args = [
+        "pretrain",
+        "--out",
+        str(run),
+        *RUN,
+        *tiny_text_args,
+        *data_overrides(smoke_data),
+        "train.checkpoint_every=1",
+    ]
     proc = run_miles(*args, "train.lr=1e6", check=False)
     assert proc.returncode == 3
     good = run / ckpt.checkpoint_path(Path("checkpoints"), 1)
@@ -129,13 +148,15 @@ def test_diverging_training_stops_naming_the_step_and_the_last_good_checkpoint(
     assert proc.stderr.count("update skipped") == 2
 
 
-def test_resume_refuses_a_changed_manifest_unless_allowed(smoke_data: Path, tmp_path: Path) -> None:
+def test_resume_refuses_a_changed_manifest_unless_allowed(
+    smoke_data: Path, tmp_path: Path, tiny_text_args: list[str]
+) -> None:
     data = tmp_path / "data"
     data.mkdir()
     for name in ("train.csv", "val.csv", "classes.txt"):
         (data / name).write_text((smoke_data / name).read_text().replace("videos/", f"{smoke_data}/videos/"))
     run = tmp_path / "run"
-    args = ["pretrain", "--out", str(run), *RUN, *data_overrides(data)]
+    args = ["pretrain", "--out", str(run), *RUN, *tiny_text_args, *data_overrides(data)]
     run_miles(*args, "train.max_steps=4")
     rows = list(csv.reader((data / "train.csv").open()))
     with (data / "train.csv").open("w", newline="") as fh:
@@ -150,9 +171,19 @@ def test_resume_refuses_a_changed_manifest_unless_allowed(smoke_data: Path, tmp_
     assert [s for s, _, _ in logged_losses(run)] == list(range(1, 9))
 
 
-def test_resume_with_another_architecture_names_the_keys(uninterrupted: Path, smoke_data: Path) -> None:
+def test_resume_with_another_architecture_names_the_keys(
+    uninterrupted: Path, smoke_data: Path, tiny_text_args: list[str]
+) -> None:
     before = (uninterrupted / "config.yaml").read_text()
-    args = ["pretrain", "--out", str(uninterrupted), *RUN, *data_overrides(smoke_data), "--resume"]
+    args = [
+        "pretrain",
+        "--out",
+        str(uninterrupted),
+        *RUN,
+        *tiny_text_args,
+        *data_overrides(smoke_data),
+        "--resume",
+    ]
     proc = run_miles(*args, "model.embed_dim=32", check=False)
     assert proc.returncode == 2
     assert "model.embed_dim was 64 in the checkpoint, is 32 now" in proc.stderr
@@ -185,14 +216,14 @@ def test_eval_names_checkpoint_entries_of_the_wrong_type(
 
 
 def test_a_validation_set_with_no_readable_video_is_refused_before_training(
-    smoke_data: Path, tmp_path: Path
+    smoke_data: Path, tmp_path: Path, tiny_text_args: list[str]
 ) -> None:
     bad = tmp_path / "val.csv"
     garbage = tmp_path / "garbage.mp4"
     garbage.write_bytes(os.urandom(3000))
     bad.write_text(f"video,caption,label\n{garbage},a clip,growing\n{tmp_path / 'gone.mp4'},a clip,growing\n")
     run = tmp_path / "run"
-    args = ["pretrain", "--out", str(run), *RUN, *data_overrides(smoke_data)]
+    args = ["pretrain", "--out", str(run), *RUN, *tiny_text_args, *data_overrides(smoke_data)]
     proc = run_miles(*args, f"data.val_manifest={bad}", check=False)
     assert proc.returncode == 2
     assert f"config key 'data.val_manifest': none of the 2 videos of {bad} can be read" in proc.stderr

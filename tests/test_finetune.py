@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 import torch
 from runs import data_overrides, run_miles
-from transformers import BertConfig
 
 from data_dali.demo import write_demo_dataset
 from data_dali.loaders import open_source
@@ -29,18 +28,6 @@ pytestmark = pytest.mark.slow
 
 PRESET = "finetune_smoke"  # 6 steps, evaluated at 2, 4 and 6
 FINETUNE = ["--preset", PRESET, "data.num_workers=1"]
-
-
-@pytest.fixture(scope="module")
-def tiny_text(tmp_path_factory, minilm_dir: Path) -> Path:
-    """A one-layer 32-wide BERT (config and MiniLM's tokenizer, no weights): checkpoints of a few MB."""
-    folder = tmp_path_factory.mktemp("tiny_text")
-    BertConfig(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
-    ).save_pretrained(folder)
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(minilm_dir / name, folder / name)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -116,12 +103,20 @@ def test_finetune_end_to_end_keeps_the_best_logged_evaluation(
     assert metrics["zero_shot"]["t2v"] == init["t2v"] and metrics["zero_shot"]["v2t"] == init["v2t"]
 
 
+@pytest.mark.parametrize("stop_step", [3, 4])
 def test_finetune_resume_is_exact(
-    finetuned: tuple[Path, str], pretrained: Path, downstream: Path, tmp_path: Path, monkeypatch
+    stop_step: int,
+    finetuned: tuple[Path, str],
+    pretrained: Path,
+    downstream: Path,
+    tmp_path: Path,
+    monkeypatch,
 ) -> None:
-    """SIGTERM after step 3 (after the first evaluation), then --resume: the same losses, the same
-    evaluation records (patience count included) and the same best.pt as the uninterrupted run; the
-    resumed run takes its weights from its checkpoint, not --init again.
+    """SIGTERM during step 3 (after the first evaluation), or during step 4, whose evaluation is due: the
+    checkpoint is written first and the evaluation put off to the resumed run, which runs it on the same
+    weights. Either way --resume gives the same losses, the same evaluation records (patience count
+    included) and the same best.pt as the uninterrupted run, and takes its weights from its checkpoint,
+    not --init again.
     In this process (the CLI's own path is the fixture's), on one thread as the CLI runs were."""
     import miles.model
 
@@ -136,10 +131,12 @@ def test_finetune_resume_is_exact(
     overrides = ["data.num_workers=1", "train.threads=1"]
     threads = torch.get_num_threads()
     try:
-        crash = ["train.crash_at_step=3", "train.crash_signal=TERM"]
-        with pytest.raises(StopRequested, match="stopped by SIGTERM after step 3 of 6"):
+        crash = [f"train.crash_at_step={stop_step}", "train.crash_signal=TERM"]
+        with pytest.raises(StopRequested, match=f"stopped by SIGTERM after step {stop_step} of 6"):
             run_finetuning(finetune_config(pretrained, PRESET, None, overrides + crash, **data), run)
-        assert [r["step"] for r in _records(run)[1]] == [2] and init_loads == [1]
+        assert [r["step"] for r in _records(run)[1]] == [2] and init_loads == [1]  # step 4's: not yet
+        saved = ckpt.load(ckpt.checkpoint_path(run / "checkpoints", stop_step))
+        assert saved["eval_pending"] == (stop_step == 4)
         run_finetuning(finetune_config(pretrained, PRESET, None, overrides, **data), run, resume=True)
         assert init_loads == [1]
     finally:

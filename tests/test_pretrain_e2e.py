@@ -77,7 +77,9 @@ def test_smoke_run_end_to_end(smoke_data: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("source", ["manifest", "shards"])
-def test_resume_after_kill_reproduceslogged_losses(source: str, request, tmp_path: Path) -> None:
+def test_resume_after_kill_reproduceslogged_losses(
+    source: str, request, tmp_path: Path, tiny_text_args: list[str]
+) -> None:
     """Reference loader on the H.264 manifest, and DALI on frame shards: the data position resumes."""
     data = data_overrides(request.getfixturevalue("smoke_data"))
     if source == "shards":
@@ -86,6 +88,7 @@ def test_resume_after_kill_reproduceslogged_losses(source: str, request, tmp_pat
         "--preset",
         "smoke",
         *data,
+        *tiny_text_args,
         "train.max_steps=8",
         "train.checkpoint_every=3",
         "eval.before_training=false",
@@ -111,9 +114,12 @@ def test_resume_after_kill_reproduceslogged_losses(source: str, request, tmp_pat
     )
 
 
-def test_frame_shards_train_and_evaluate_with_dali(smoke_shards: Path, tmp_path: Path) -> None:
+def test_frame_shards_train_and_evaluate_with_dali(
+    smoke_shards: Path, tmp_path: Path, tiny_text_args: list[str]
+) -> None:
     run = tmp_path / "run"
-    proc = run_miles("pretrain", "--preset", "smoke", "--out", str(run), *shard_overrides(smoke_shards))
+    shards = [*shard_overrides(smoke_shards), *tiny_text_args]
+    proc = run_miles("pretrain", "--preset", "smoke", "--out", str(run), *shards)
     assert proc.stderr.count("training data: DALI on CPU: frame shards (32 clips)") == 1
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["data_backend"] == metrics["eval_data_backend"] == "dali"
@@ -132,7 +138,7 @@ def test_frame_shards_train_and_evaluate_with_dali(smoke_shards: Path, tmp_path:
         "smoke",
         "--out",
         str(tmp_path / "refused"),
-        *shard_overrides(smoke_shards),
+        *shards,
         "data.backend=reference",
         check=False,
     )
@@ -140,7 +146,9 @@ def test_frame_shards_train_and_evaluate_with_dali(smoke_shards: Path, tmp_path:
     assert not (tmp_path / "refused").exists()
 
 
-def test_bad_videos_are_skipped_counted_and_named(smoke_data: Path, tmp_path: Path) -> None:
+def test_bad_videos_are_skipped_counted_and_named(
+    smoke_data: Path, tmp_path: Path, tiny_text_args: list[str]
+) -> None:
     data = tmp_path / "data"
     shutil.copytree(smoke_data, data)
     bad = data / "bad"
@@ -163,6 +171,7 @@ def test_bad_videos_are_skipped_counted_and_named(smoke_data: Path, tmp_path: Pa
         "--out",
         str(run),
         *data_overrides(data),
+        *tiny_text_args,
         "train.max_steps=8",
         "train.grad_accum=2",  # also exercises accumulation
         "eval.before_training=false",
@@ -177,7 +186,9 @@ def test_bad_videos_are_skipped_counted_and_named(smoke_data: Path, tmp_path: Pa
     assert json.loads((run / "metrics.json").read_text())["chance"]["R1"] == pytest.approx(100 / 12)
 
 
-def test_two_process_torchrun_smoke_on_shards(smoke_shards: Path, tmp_path: Path) -> None:
+def test_two_process_torchrun_smoke_on_shards(
+    smoke_shards: Path, tmp_path: Path, tiny_text_args: list[str]
+) -> None:
     """DDP on gloo: both ranks train in step and rank 0 writes the metrics of the 2-process run; each
     rank runs its own DALI pipeline on its share of every epoch. (On a manifest: tests/test_faults.py.)"""
     data = shard_overrides(smoke_shards)
@@ -197,6 +208,7 @@ def test_two_process_torchrun_smoke_on_shards(smoke_shards: Path, tmp_path: Path
         "--out",
         str(run),
         *data,
+        *tiny_text_args,
         "train.batch_size=4",
         "eval.before_training=false",
     ]
@@ -210,11 +222,14 @@ def test_two_process_torchrun_smoke_on_shards(smoke_shards: Path, tmp_path: Path
     assert all(mvm > 0 for _, _, mvm in log)
 
 
-def test_resume_guards_and_fresh_runs_move_old_ones_aside(smoke_data: Path, tmp_path: Path) -> None:
+def test_resume_guards_and_fresh_runs_move_old_ones_aside(
+    smoke_data: Path, tmp_path: Path, tiny_text_args: list[str]
+) -> None:
     common = [
         "--preset",
         "smoke",
         *data_overrides(smoke_data),
+        *tiny_text_args,
         "train.max_steps=3",
         "eval.before_training=false",
     ]

@@ -123,13 +123,14 @@ def test_snapshot_targets_run_in_the_asked_precision(minilm_dir) -> None:
 
 
 @pytest.mark.slow
-def test_bf16_training_resumes_exactly(smoke_data: Path, tmp_path: Path) -> None:
+def test_bf16_training_resumes_exactly(smoke_data: Path, tmp_path: Path, tiny_text_args: list[str]) -> None:
     """train.precision=bf16 on the CPU: a run cut back to its step-2 checkpoint and resumed gives the
     uninterrupted run's losses and weights, bit for bit. The cut run is a copy of the uninterrupted one's
     folder as a kill after step 2 leaves it (two launches, not three; test_pretrain_e2e kills for real):
     what resume needs is in the checkpoint. Emulated bf16 where the CPU lacks BF16 instructions: it warns."""
     common = ["pretrain", "--preset", "smoke", *data_overrides(smoke_data), "train.precision=bf16"]
     common += ["train.max_steps=4", "train.checkpoint_every=2", "eval.before_training=false"]
+    common += tiny_text_args
     full, cut = tmp_path / "full", tmp_path / "cut"
     proc = run_miles(*common, "--out", str(full))
     assert ("without BF16 instructions" in proc.stderr) == (not cpu_bf16_flags())
