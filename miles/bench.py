@@ -60,7 +60,7 @@ TABLE_HEADER = [
 COMPUTE_DTYPES = ("fp32", "bf16")
 MEMORY = "memory"
 PEAK_LIMITS = (*(f"compute {d}" for d in COMPUTE_DTYPES), MEMORY)  # the limits a peak case measures
-LIMITS = (*PEAK_LIMITS, "decode/I-O")  # as in benchmarks/conftest.py
+LIMITS = (*PEAK_LIMITS, "decode/I-O")  # what a case's extra_info["limit"] may say (benchmarks/conftest.py)
 DASH = "–"
 NO_PEAK = "(no peak measured)"
 
