@@ -698,7 +698,7 @@ class Trainer:
         clips_done, step_seconds = 0, 0.0  # the steps alone (data included; evaluations, saves not)
         last: dict[str, float] = {}
         try:
-            if self.eval_pending:
+            if self.eval_pending and self.evaluator is not None:
                 self._run_pending_eval(log_file)
             while self.state.step < t.max_steps and not self.best.stopped_early:
                 tick = time.perf_counter()
