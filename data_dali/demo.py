@@ -3,6 +3,9 @@
 The demo exists so that the whole pipeline (decode, train, retrieval eval) runs without downloads on a
 CPU-only machine, and so that a working model shows retrieval far above chance: every caption word
 (colour, shape, size, motion) is visible in the pixels, and motion is only visible across frames.
+The `relational` kind puts a second, still shape in every clip and names both and where the moving one
+is: telling its captions apart needs local detail (which colour belongs to which shape, which one moves),
+which the one-shape clips never ask for.
 Clips are real H.264 files so the same decoders that read WebVid-style data read the demo.
 """
 
@@ -27,9 +30,12 @@ __all__ = [
     "DOWNSTREAM_TEMPLATES",
     "HELD_OUT_PAIRS",
     "MOTIONS",
+    "RELATIONAL_TEMPLATES",
+    "RELATIONS",
     "SHAPES",
     "TEMPLATES",
     "ClipSpec",
+    "Companion",
     "caption_for",
     "render_clip",
     "write_demo_dataset",
@@ -63,7 +69,9 @@ SIZES: tuple[str, ...] = ("small", "large")
 HELD_OUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
     (colour, SHAPES[i % len(SHAPES)]) for i, colour in enumerate(COLOURS)
 )
-DEMO_KINDS: tuple[str, ...] = ("pretrain", "downstream")
+DEMO_KINDS: tuple[str, ...] = ("pretrain", "downstream", "relational")
+# Where a relational clip's moving shape is, relative to its still one (the whole clip long).
+RELATIONS: tuple[str, ...] = ("above", "below", "left of", "right of")
 
 # Base half-extent as a fraction of the frame side.
 _BASE_RADIUS = {"small": 0.10, "large": 0.17}
@@ -113,6 +121,12 @@ _DOWNSTREAM_MOTION_PHRASES: dict[str, tuple[str, ...]] = {
     "shrinking": ("deflates", "dwindles"),
     "rotating": ("twirls", "revolves"),
 }
+_RELATION_PHRASES: dict[str, tuple[str, ...]] = {
+    "above": ("above", "over"),
+    "below": ("below", "under"),
+    "left of": ("to the left of", "left of"),
+    "right of": ("to the right of", "right of"),
+}
 TEMPLATES: tuple[str, ...] = (
     "{det} {noun} {motion}",
     "the {noun} {motion}",
@@ -129,6 +143,25 @@ DOWNSTREAM_TEMPLATES: tuple[str, ...] = (
     "on screen, {det} {noun} {motion}",
     "look: {det} {noun} {motion} in the frame",
 )
+# Relational captions: {noun} is the moving shape, {other} the still one.
+RELATIONAL_TEMPLATES: tuple[str, ...] = (
+    "{det} {noun} {relation} {det2} {other} {motion}",
+    "the {noun} {relation} the {other} {motion}",
+    "{det} {noun} {motion} {relation} {det2} {other}",
+    "{det2} {other} stays still while {det} {noun} {relation} it {motion}",
+    "video of {det} {noun} {relation} {det2} {other} that {motion}",
+)
+
+
+@dataclass(frozen=True)
+class Companion:
+    """The still second shape of a `relational` clip (small, unrotated)."""
+
+    shape: str
+    colour: str
+    cx: float
+    cy: float
+    relation: str  # where the clip's moving shape is relative to this one: one of RELATIONS
 
 
 @dataclass(frozen=True)
@@ -144,6 +177,7 @@ class ClipSpec:
     cy: float
     angle0: float
     noise_seed: int
+    companion: Companion | None = None
 
 
 def _sample_spec(rng: np.random.Generator, noise_seed: int, held_out: bool = False) -> ClipSpec:
@@ -170,6 +204,40 @@ def _sample_spec(rng: np.random.Generator, noise_seed: int, held_out: bool = Fal
     return ClipSpec(motion, shape, colour, size, float(cx), float(cy), angle0, noise_seed)
 
 
+def _sample_relational_spec(rng: np.random.Generator, noise_seed: int) -> ClipSpec:
+    """A small moving shape and a small still one of another shape and colour, on opposite sides of the
+    frame. The relation's axis is across the motion's (a shape moving left is above or below the other),
+    so it holds in every frame."""
+    motion = MOTIONS[int(rng.integers(len(MOTIONS)))]
+    shapes = [s for s in SHAPES if not (motion == "rotating" and s == "circle")]
+    shape = shapes[int(rng.integers(len(shapes)))]
+    colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+    other_shapes = [s for s in SHAPES if s != shape]
+    other_shape = other_shapes[int(rng.integers(len(other_shapes)))]
+    other_colours = [c for c in COLOURS if c != colour]
+    other_colour = other_colours[int(rng.integers(len(other_colours)))]
+    if motion in ("moving left", "moving right"):
+        relations = RELATIONS[:2]
+    elif motion in ("moving up", "moving down"):
+        relations = RELATIONS[2:]
+    else:
+        relations = RELATIONS
+    relation = relations[int(rng.integers(len(relations)))]
+    near, far = 0.27, 0.73  # the two shapes' centres on the relation's axis
+    start = {"moving left": 0.75, "moving right": 0.25, "moving up": 0.75, "moving down": 0.25}
+    along = start.get(motion, 0.5) + float(rng.uniform(-0.04, 0.04))  # the mover, across the relation
+    other_along = 0.5 + float(rng.uniform(-0.08, 0.08))
+    if relation in ("above", "below"):
+        cy, other_cy = (near, far) if relation == "above" else (far, near)
+        cx, other_cx = along, other_along
+    else:
+        cx, other_cx = (near, far) if relation == "left of" else (far, near)
+        cy, other_cy = along, other_along
+    companion = Companion(other_shape, other_colour, other_cx, other_cy, relation)
+    angle0 = float(rng.uniform(-0.3, 0.3))
+    return ClipSpec(motion, shape, colour, "small", cx, cy, angle0, noise_seed, companion)
+
+
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
@@ -184,12 +252,38 @@ def caption_for(
     templates = DOWNSTREAM_TEMPLATES if downstream else TEMPLATES
     shape_word = shape_words[int(rng.integers(len(shape_words)))]
     motion = motions[int(rng.integers(len(motions)))]
+    if spec.companion is not None:
+        return _relational_caption(spec, spec.companion, shape_word, motion, rng, template)
     words = [spec.colour, shape_word]
     if rng.random() < 0.5:
         words.insert(0, _SIZE_WORDS[spec.size][int(rng.integers(len(_SIZE_WORDS[spec.size])))])
     noun = " ".join(words)
     t = int(rng.integers(len(templates))) if template is None else template
     return templates[t].format(det=_article(noun), noun=noun, motion=motion)
+
+
+def _relational_caption(
+    spec: ClipSpec,
+    other: Companion,
+    shape_word: str,
+    motion: str,
+    rng: np.random.Generator,
+    template: int | None,
+) -> str:
+    other_words = _SHAPE_WORDS[other.shape]
+    noun = f"{spec.colour} {shape_word}"
+    other_noun = f"{other.colour} {other_words[int(rng.integers(len(other_words)))]}"
+    phrases = _RELATION_PHRASES[other.relation]
+    relation = phrases[int(rng.integers(len(phrases)))]
+    t = int(rng.integers(len(RELATIONAL_TEMPLATES))) if template is None else template
+    return RELATIONAL_TEMPLATES[t].format(
+        det=_article(noun),
+        noun=noun,
+        relation=relation,
+        det2=_article(other_noun),
+        other=other_noun,
+        motion=motion,
+    )
 
 
 def _shape_mask(
@@ -229,6 +323,12 @@ def render_clip(spec: ClipSpec, frames: int, size: int) -> np.ndarray:
     r0 = _BASE_RADIUS[spec.size] * size
     travel = 0.5 * size  # translations cross half the frame
     out = np.empty((frames, size, size, 3), dtype=np.uint8)
+    still = background.copy()
+    if spec.companion is not None:
+        other = spec.companion
+        r_other = _BASE_RADIUS["small"] * size
+        inside = _shape_mask(other.shape, xx, yy, other.cx * size, other.cy * size, r_other, 0.0)
+        still[inside] = np.array(COLOURS[other.colour], dtype=np.uint8)
     for t in range(frames):
         a = t / max(frames - 1, 1)
         cx, cy = spec.cx * size, spec.cy * size
@@ -247,7 +347,7 @@ def render_clip(spec: ClipSpec, frames: int, size: int) -> np.ndarray:
             r = r0 * (1.4 - 0.7 * a)
         elif spec.motion == "rotating":
             angle = spec.angle0 + a * np.pi  # half a turn
-        out[t] = background
+        out[t] = still
         out[t][_shape_mask(spec.shape, xx, yy, cx, cy, r, angle)] = colour
     return out
 
@@ -324,10 +424,12 @@ def write_demo_dataset(
 ) -> dict[str, Path]:
     """Write the demo clips and manifests (or reuse them) so training can start from one command.
 
-    `kind`: "pretrain" (any colour x shape pair but HELD_OUT_PAIRS, captions from TEMPLATES) or
+    `kind`: "pretrain" (any colour x shape pair but HELD_OUT_PAIRS, captions from TEMPLATES),
     "downstream" (a retrieval task the first does not cover: only HELD_OUT_PAIRS, captions from
-    DOWNSTREAM_TEMPLATES with shape and motion words of their own; its own random stream), each with its
-    train and val split.
+    DOWNSTREAM_TEMPLATES with shape and motion words of their own; its own random stream) or
+    "relational" (two shapes a clip, one still, captions from RELATIONAL_TEMPLATES naming both and where
+    the moving one is; its own random stream), each with its train and val split; the label is the
+    moving shape's motion.
     Returns the paths of the "train" and "val" manifests and of "classes" (motion class names).
     A second call with the same parameters returns at once; an interrupted call is redone because the
     manifests and demo.json are written last, atomically.
@@ -338,6 +440,7 @@ def write_demo_dataset(
     if kind not in DEMO_KINDS:
         raise ValueError(f"demo kind must be one of {', '.join(DEMO_KINDS)}, got {kind!r}")
     downstream = kind == "downstream"
+    relational = kind == "relational"
     params = {
         "version": _FORMAT_VERSION,
         "kind": kind,
@@ -353,7 +456,7 @@ def write_demo_dataset(
         return outputs
 
     (out_dir / "demo.json").unlink(missing_ok=True)
-    rng = np.random.default_rng([seed, 1] if downstream else seed)
+    rng = np.random.default_rng([seed, DEMO_KINDS.index(kind)] if kind != "pretrain" else seed)
     jobs: list[tuple[str, ClipSpec, int, int, int]] = []
     rows: dict[str, list[tuple[str, str, str]]] = {"train": [], "val": []}
     for split, n, captions_per_clip in (("train", n_train, 1), ("val", n_val, 2)):
@@ -361,7 +464,10 @@ def write_demo_dataset(
         video_dir.mkdir(parents=True, exist_ok=True)
         for i in range(n):
             noise_seed = int(rng.integers(2**31))
-            spec = _sample_spec(rng, noise_seed, held_out=downstream)
+            if relational:
+                spec = _sample_relational_spec(rng, noise_seed)
+            else:
+                spec = _sample_spec(rng, noise_seed, held_out=downstream)
             rel = f"videos/{split}/{i:05d}.mp4"
             jobs.append((str(out_dir / rel), spec, frames, size, fps))
             captions: list[str] = []

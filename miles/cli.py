@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
         "--kind",
         choices=DEMO_KINDS,
         default="pretrain",
-        help="downstream: the retrieval split whose colour x shape pairs and phrasings pre-training lacks",
+        help="downstream: the retrieval split whose colour x shape pairs and phrasings pre-training lacks; "
+        "relational: two shapes a clip, captions that name both and where the moving one is",
     )
 
     pre = sub.add_parser("pretrain", help="pre-train (no arguments: the embedded demo, end to end)")

@@ -36,7 +36,7 @@ class DataConfig:
     val_manifest: str = "data/demo/val.csv"
     classes: str = "data/demo/classes.txt"  # zero-shot class names; "" disables zero-shot
     generate_demo: bool = True  # create the procedural demo set at `root` if the manifests are missing
-    demo_kind: str = "pretrain"  # which demo set generate_demo writes: pretrain | downstream (held out)
+    demo_kind: str = "pretrain"  # the demo set generate_demo writes: pretrain | downstream | relational
     demo_train: int = 1200
     demo_val: int = 200
     video_column: str = "video"
@@ -241,15 +241,31 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _preset_layers(preset: str, inheriting: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """A preset's YAML after those it names with `inherit: NAME` (a variant states only what it changes)."""
+    path = PRESET_DIR / f"{preset}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset '{preset}'; available: {', '.join(available_presets())}")
+    if preset in inheriting:
+        raise ConfigError(
+            f"preset {path}: 'inherit' goes round in a circle: {' -> '.join((*inheriting, preset))}"
+        )
+    data = load_yaml(path)
+    parent = data.pop("inherit", None)
+    if parent is None:
+        return [data]
+    if not isinstance(parent, str):
+        raise ConfigError(f"preset {path}: 'inherit' must name a preset, got {parent!r}")
+    return [*_preset_layers(parent, (*inheriting, preset)), data]
+
+
 def build_config(
     preset: str = "demo", config_file: str | Path | None = None, overrides: list[str] | None = None
 ) -> Config:
     """Preset, then the config file, then command-line overrides; validated at the end."""
-    preset_path = PRESET_DIR / f"{preset}.yaml"
-    if not preset_path.is_file():
-        raise ConfigError(f"unknown preset '{preset}'; available: {', '.join(available_presets())}")
     cfg = Config()
-    _merge(cfg, load_yaml(preset_path))
+    for layer in _preset_layers(preset):
+        _merge(cfg, layer)
     cfg.preset = preset
     if config_file:
         _merge(cfg, load_yaml(Path(config_file)))

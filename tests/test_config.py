@@ -64,6 +64,26 @@ def test_unknown_preset_and_malformed_override() -> None:
         build_config("smoke", overrides=["train.max_steps"])
 
 
+def test_an_inheriting_preset_is_its_parent_with_its_own_keys(tmp_path, monkeypatch) -> None:
+    demo, relational = build_config("demo").to_dict(), build_config("demo_relational").to_dict()
+    sections = [name for name, value in demo.items() if isinstance(value, dict)]
+    changed = {(name, k) for name in sections for k in demo[name] if demo[name][k] != relational[name][k]}
+    assert changed == {
+        ("data", k) for k in ("root", "train_manifest", "val_manifest", "classes", "demo_kind")
+    }
+    assert relational["data"]["demo_kind"] == "relational" and relational["preset"] == "demo_relational"
+    import miles.config
+
+    monkeypatch.setattr(miles.config, "PRESET_DIR", tmp_path)
+    (tmp_path / "a.yaml").write_text("inherit: b\ntrain:\n  max_steps: 3\n")
+    (tmp_path / "b.yaml").write_text("inherit: a\n")
+    with pytest.raises(ConfigError, match="goes round in a circle: a -> b -> a"):
+        build_config("a")
+    (tmp_path / "b.yaml").write_text("inherit: [demo]\n")
+    with pytest.raises(ConfigError, match="'inherit' must name a preset"):
+        build_config("a")
+
+
 def test_config_file_merges_over_preset(tmp_path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  max_steps: 9\nmvm:\n  weight: 0.5\n")

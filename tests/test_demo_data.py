@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
 import time
 from pathlib import Path
@@ -270,3 +271,61 @@ def test_sampled_pairs_split_the_colour_shape_grid() -> None:
     assert down == demo.HELD_OUT_PAIRS and len(down) == len(COLOURS)
     assert pre == grid - down
     assert {c for c, _ in down} == set(COLOURS) and {s for _, s in down} == set(demo.SHAPES)
+
+
+# ------------------------------------------------------------------------------------------- relational
+def _colour_centre(frame: np.ndarray, colour: str) -> np.ndarray:
+    """(x, y) centre of the pixels of exactly that colour (rendered pixels, before encoding)."""
+    ys, xs = np.nonzero((frame == np.array(COLOURS[colour], dtype=np.uint8)).all(axis=-1))
+    assert len(xs) > 20, colour
+    return np.array([xs.mean(), ys.mean()])
+
+
+_DIRECTION = {"moving left": (-1, 0), "moving right": (1, 0), "moving up": (0, -1), "moving down": (0, 1)}
+_RELATION_AXIS = {"above": (1, -1), "below": (1, 1), "left of": (0, -1), "right of": (0, 1)}  # (axis, sign)
+
+
+def test_relational_clips_show_what_their_captions_say() -> None:
+    """Two shapes of different colours and shapes; the named relation holds in every frame; only the
+    moving shape moves, the way its motion says; the caption names both colours and both shapes."""
+    rng = np.random.default_rng(0)
+    seen_relations, seen_motions = set(), set()
+    for i in range(60):
+        spec = demo._sample_relational_spec(rng, i)
+        other = spec.companion
+        assert other is not None and other.colour != spec.colour and other.shape != spec.shape
+        pixels = demo.render_clip(spec, 8, 112)
+        mover = np.stack([_colour_centre(f, spec.colour) for f in pixels])
+        still = np.stack([_colour_centre(f, other.colour) for f in pixels])
+        assert np.abs(still - still[0]).max() < 1e-9  # the other shape never moves
+        axis, sign = _RELATION_AXIS[other.relation]
+        assert (sign * (mover[:, axis] - still[:, axis]) > 30).all(), (spec, mover, still)  # 0.46 apart
+        if spec.motion in _DIRECTION:
+            travelled = mover[-1] - mover[0]
+            assert travelled @ np.array(_DIRECTION[spec.motion]) > 40, (spec.motion, travelled)
+        caption = demo.caption_for(spec, rng)
+        assert caption.count(spec.colour) == 1 and caption.count(other.colour) == 1, caption
+        nouns = {name: demo._SHAPE_WORDS[name] for name in (spec.shape, other.shape)}
+        assert all(any(w in caption for w in words) for words in nouns.values()), caption
+        assert any(p in caption for p in demo._RELATION_PHRASES[other.relation]), caption
+        assert any(p in caption for p in demo._MOTION_PHRASES[spec.motion]), caption
+        seen_relations.add(other.relation)
+        seen_motions.add(spec.motion)
+    assert seen_relations == set(demo.RELATIONS) and seen_motions == set(MOTIONS)
+
+
+def test_relational_demo_set_on_disk(tmp_path: Path) -> None:
+    """Written as H.264 like the other kinds, labelled by the moving shape's motion; both named colours
+    survive encoding."""
+    out = write_demo_dataset(tmp_path / "rel", kind="relational", **{**SMALL, "n_train": 8, "n_val": 4})
+    rows = _rows(out["train"])
+    assert len(rows) == 8 and len(_rows(out["val"])) == 8 and all(r["label"] in MOTIONS for r in rows)
+    assert json.loads((tmp_path / "rel" / "demo.json").read_text())["kind"] == "relational"
+    palette = {name: np.array(rgb, dtype=np.float64) for name, rgb in COLOURS.items()}
+    for row in rows:
+        frame = _decode_all(tmp_path / "rel" / row["video"])[0].astype(np.float64)
+        named = [w for w in row["caption"].split() if w in COLOURS]
+        assert len(named) == 2, row["caption"]
+        for colour in named:
+            close = np.linalg.norm(frame - palette[colour], axis=-1) < 40
+            assert close.sum() > 30, (row["caption"], colour)
