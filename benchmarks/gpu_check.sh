@@ -18,6 +18,9 @@ OUT=${1:-benchmarks/results/gpu}
 PY=${PY:-.venv/bin/python}
 if [ ! -x "$PY" ]; then
     PY=python3
+    # Without an install, `miles_kernels` (the folder kernels/, see pyproject.toml) needs its name: a link.
+    mkdir -p /tmp/miles-import && ln -sfn "$PWD/kernels" /tmp/miles-import/miles_kernels
+    export PYTHONPATH="/tmp/miles-import${PYTHONPATH:+:$PYTHONPATH}"
     # An offline machine without this project's venv: the wheels and stand-ins of benchmarks/device_bundle.sh.
     if [ -d .devbundle ]; then
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/miles-site \

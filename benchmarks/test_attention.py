@@ -21,8 +21,8 @@ from benchmarks.conftest import (
     record_work,
     reset_peak_memory,
 )
-from kernels import num_hidden
 from miles.attention import DividedAttention
+from miles_kernels.ops import num_hidden
 
 FRAMES, RATIO = 4, 0.75
 # preset: (embed dim, heads, grid side, CPU batch, CUDA batch), as in miles/configs/{demo,base}.yaml.

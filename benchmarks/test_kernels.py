@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
 from benchmarks.conftest import pair, record_work, time_calls
+from miles_kernels import ops
 
 F, N, C, RATIO = 4, 196, 768, 0.75
 BATCHES = [32, 128]
@@ -31,7 +31,7 @@ def _side(impl: str) -> str:
 def _inputs(b: int, device: torch.device, dtype: torch.dtype):
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(b, F, N, C, generator=g).to(device, dtype)
-    _, visible = kernels.tube_mask(b, (14, 14), RATIO, seed=0, device=device)
+    _, visible = ops.tube_mask(b, (14, 14), RATIO, seed=0, device=device)
     pos = torch.randn(N, C, generator=g).to(device, dtype)
     time = torch.randn(F, C, generator=g).to(device, dtype)
     return x, visible, pos, time
@@ -49,7 +49,7 @@ def test_copy_bandwidth(benchmark, b: int, device: torch.device) -> None:
     """The yardstick: a plain device copy of the kept tokens' bytes (read + write)."""
     pair(benchmark, f"device copy B={b}", "yardstick", "copy")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    k = N - kernels.num_hidden(N, RATIO)
+    k = N - ops.num_hidden(N, RATIO)
     src = torch.randn(b, F, k, C, device=device, dtype=dtype)
     dst = torch.empty_like(src)
     _timed(benchmark, lambda: dst.copy_(src), 2 * src.numel() * src.element_size(), device, dtype)
@@ -64,7 +64,7 @@ def test_drop_tokens(benchmark, impl: str, b: int, device: torch.device) -> None
     x, visible, pos, time = _inputs(b, device, dtype)
     k = visible.shape[1]
     nbytes = 2 * b * F * k * C * x.element_size()  # read the kept rows, write them
-    drop = lambda: kernels.drop_tokens(x, visible, pos, time, impl=impl)  # noqa: E731
+    drop = lambda: ops.drop_tokens(x, visible, pos, time, impl=impl)  # noqa: E731
     _timed(benchmark, drop, nbytes, device, dtype)
 
 
@@ -79,7 +79,7 @@ def test_restore_tokens(benchmark, impl: str, b: int, device: torch.device) -> N
     y = x[:, :, :k].contiguous()
     token = torch.randn(C, device=device, dtype=dtype)
     nbytes = b * F * (k + N) * C * x.element_size()  # read the kept rows, write the full grid
-    restore = lambda: kernels.restore_tokens(y, visible, token, pos, time, impl=impl)  # noqa: E731
+    restore = lambda: ops.restore_tokens(y, visible, token, pos, time, impl=impl)  # noqa: E731
     _timed(benchmark, restore, nbytes, device, dtype)
 
 
@@ -87,10 +87,10 @@ def test_restore_tokens(benchmark, impl: str, b: int, device: torch.device) -> N
 def test_tube_mask(benchmark, impl: str, device: torch.device) -> None:
     _skip_unless_runnable(impl, device)
     pair(benchmark, "tube_mask B=128", _side(impl), impl)
-    k = N - kernels.num_hidden(N, RATIO)
+    k = N - ops.num_hidden(N, RATIO)
     _timed(  # it reads nothing: it writes the bool mask [B, N] and the int64 visible indices [B, K]
         benchmark,
-        lambda: kernels.tube_mask(128, (14, 14), RATIO, seed=0, step=1, device=device, impl=impl),
+        lambda: ops.tube_mask(128, (14, 14), RATIO, seed=0, step=1, device=device, impl=impl),
         128 * N + 128 * k * 8,
         device,
     )
@@ -110,13 +110,13 @@ def test_masked_feature_loss(benchmark, impl: str, device: torch.device) -> None
     g = torch.Generator(device="cpu").manual_seed(0)
     pred = torch.randn(b, F, N, C, generator=g).to(device, dtype).requires_grad_(True)
     target = (3 * torch.randn(b, F, N, C, generator=g) + 1).to(device, dtype)
-    mask, visible = kernels.tube_mask(b, (14, 14), RATIO, seed=0, device=device)
-    hidden = kernels.hidden_indices(mask, N - visible.shape[1])
+    mask, visible = ops.tube_mask(b, (14, 14), RATIO, seed=0, device=device)
+    hidden = ops.hidden_indices(mask, N - visible.shape[1])
     m = hidden.shape[1]
     nbytes = (4 * b * F * m * C + b * F * N * C) * pred.element_size()
 
     def step() -> None:
-        loss = kernels.masked_feature_loss(pred, target, hidden, impl=impl)
+        loss = ops.masked_feature_loss(pred, target, hidden, impl=impl)
         torch.autograd.grad(loss, (pred,))
 
     _timed(benchmark, step, nbytes, device, dtype)

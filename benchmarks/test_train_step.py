@@ -45,12 +45,12 @@ from benchmarks.conftest import (
     record_work,
     reset_peak_memory,
 )
-from kernels import tube_mask
 from miles.attention import DividedAttention, set_attention_backend
 from miles.config import Config, build_config
 from miles.model import MilesModel
 from miles.snapshot import SnapshotEncoder
 from miles.train import autocast_context, cpu_bf16_flags, param_groups, resolve_precision, snapshot_dtype
+from miles_kernels.ops import tube_mask
 
 # On these 2-core CPUs the `base` step takes seconds per clip: a small batch keeps the suite short.
 CPU_BATCH = {"demo": 32, "base": 2}

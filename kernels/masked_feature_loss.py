@@ -60,7 +60,7 @@ def _check_grid(pred: torch.Tensor, target: torch.Tensor, hidden: torch.Tensor) 
         raise ValueError(f"hidden must be [B={pred.shape[0]}, M] positions, got {tuple(hidden.shape)}")
     if hidden.dtype not in (torch.int32, torch.int64):
         raise ValueError(
-            f"hidden must be an integer index tensor (kernels.hidden_indices), got {hidden.dtype}"
+            f"hidden must be an integer index tensor (ops.hidden_indices), got {hidden.dtype}"
         )
 
 

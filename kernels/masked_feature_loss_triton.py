@@ -11,7 +11,7 @@ gradient grid itself is materialised:
   order, so the loss is deterministic) and divided by B*F*M*C.
 * `_loss_bwd_kernel`: one program per (b, f, block of BLOCK_R grid rows), covering the whole grid, so the
   gradient is written once with no separate zero fill. A tiny on-device count [B, N] (how often position n
-  is listed in hidden[b]; 1 or 0 for kernels.hidden_indices, built with a torch scatter_add, no host
+  is listed in hidden[b]; 1 or 0 for ops.hidden_indices, built with a torch scatter_add, no host
   sync) says which rows are selected: those reload pred and target, recompute the normalised target and
   store count * dloss/dpred * grad_output / (B*F*M*C); every other row stores 0. Recomputing costs one
   more read of the selected rows, less than writing the gradient in the forward and rescaling it.
@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.masked_feature_loss import LAYER_NORM_EPS, _check_grid, check_kind
+from miles_kernels.masked_feature_loss import LAYER_NORM_EPS, _check_grid, check_kind
 
 # Test-only debug switch: allocate the outputs that a kernel must fully write with NaN instead of
 # torch.empty, so an element the kernel skipped shows up as NaN.
@@ -265,7 +265,7 @@ def masked_feature_loss_triton(
 ) -> torch.Tensor:
     """Triton version of `masked_feature_loss_reference`: scalar fp32 loss, gradient for pred only.
 
-    `hidden` must hold positions in [0, N) (kernels.hidden_indices does); they are not range-checked on
+    `hidden` must hold positions in [0, N) (ops.hidden_indices does); they are not range-checked on
     the device (that would need a host sync).
     """
     check_kind(kind)

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.tokens import _check
+from miles_kernels.tokens import _check
 
 # Test-only debug switch: allocate the outputs that a kernel must fully write with NaN instead of
 # torch.empty, so an element the kernel skipped shows up as NaN.

@@ -1,4 +1,4 @@
-"""Blockwise tube masking in Triton, bit-identical to `kernels.tube_mask.tube_mask_reference`.
+"""Blockwise tube masking in Triton, bit-identical to `miles_kernels.tube_mask.tube_mask_reference`.
 
 Three small launches, no host round trip (no `.item()` / `.cpu()`):
 
@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.tube_mask import (
+from miles_kernels.tube_mask import (
     ASPECT_DEN,
     ASPECT_MIN_NUM,
     NUM_RECTANGLES,
@@ -60,7 +60,7 @@ def _mul32(x, hi: tl.constexpr, lo: tl.constexpr):
 
 @triton.jit
 def _hash32(x):
-    """lowbias32 on int64 values, identical to `kernels.tube_mask.hash32`."""
+    """lowbias32 on int64 values, identical to `miles_kernels.tube_mask.hash32`."""
     x = x & 0xFFFFFFFF
     x = x ^ (x >> 16)
     x = _mul32(x, 0x7FEB, 0x352D)

@@ -19,8 +19,8 @@ import yaml
 from data_dali.demo import DEMO_KINDS
 from data_dali.loaders import DATA_BACKENDS
 from data_dali.shards import is_shard_dir
-from kernels import MASK_TYPES
 from miles.targets import ENCODER_TARGETS, TARGETS
+from miles_kernels.ops import MASK_TYPES
 
 PRESET_DIR = Path(__file__).parent / "configs"
 

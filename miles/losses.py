@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.masked_feature_loss import MASKED_FEATURE_LOSS_KINDS, masked_feature_loss_rows
 from miles.distributed import gather_with_local_grad
+from miles_kernels.masked_feature_loss import MASKED_FEATURE_LOSS_KINDS, masked_feature_loss_rows
 
 __all__ = ["NormSoftmaxLoss", "masked_feature_loss", "MASKED_FEATURE_LOSS_KINDS"]
 
@@ -66,7 +66,7 @@ def masked_feature_loss(
     ``pred`` and ``target`` are ``[B, M, C]`` (M masked positions). The target never receives gradient
     (it comes from the snapshot encoder); per-token layer normalisation (no affine, eps 1e-6) removes the
     scale drift of the snapshot's features so the regression stays well conditioned. Mean over all
-    elements (0 when there are none). The one definition lives in `kernels.masked_feature_loss`, shared
+    elements (0 when there are none). The one definition lives in `miles_kernels.masked_feature_loss`, shared
     with the fused kernel that works on the full grids.
     """
     return masked_feature_loss_rows(pred, target, kind=kind, normalize_target=normalize_target)

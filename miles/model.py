@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-import kernels
 from miles.config import Config
 from miles.losses import NormSoftmaxLoss
 from miles.predictor import MaskedFeaturePredictor
@@ -22,6 +21,7 @@ from miles.released import load_whole, read_checkpoint_file
 from miles.targets import ENCODER_TARGETS, target_dim
 from miles.text_encoder import build_text_encoder, text_cls
 from miles.video_encoder import SpaceTimeTransformer
+from miles_kernels import ops
 
 
 @dataclass
@@ -111,7 +111,7 @@ class MilesModel(nn.Module):
         """One pre-training step's losses.
 
         `mask` [B, N] hides tubes, the same positions in every frame; `visible` [B, K] lists the others
-        (`bert` mode also takes per-frame masks, [B, F, N] with visible [B, F, K]: `kernels.mvm_mask`).
+        (`bert` mode also takes per-frame masks, [B, F, N] with visible [B, F, K]: `ops.mvm_mask`).
         `bert` mode puts a mask token at hidden patches and runs the full grid through the encoder;
         `drop` mode runs only the visible tubes and lets the predictor restore the grid. The contrastive
         loss takes the CLS of the unmasked clip from a second pass (`mvm.contrastive_input=full`, what
@@ -121,7 +121,7 @@ class MilesModel(nn.Module):
         """
         impl = self.mvm_cfg.kernels
         if mask is not None and visible is None:
-            raise ValueError("a mask needs its visible positions too (kernels.tube_mask returns both)")
+            raise ValueError("a mask needs its visible positions too (ops.tube_mask returns both)")
         drop = mask is not None and self.mvm_cfg.mode == "drop"
         if drop and mask.ndim != 2:
             raise ValueError(
@@ -143,8 +143,8 @@ class MilesModel(nn.Module):
             if mask.ndim == 3:  # a mask per frame: each (sample, frame) is one row of M hidden positions
                 pred, targets = pred.flatten(0, 1)[:, None], targets.flatten(0, 1)[:, None]
                 mask, visible = mask.flatten(0, 1), visible.flatten(0, 1)
-            hidden = kernels.hidden_indices(mask, n - visible.shape[1])  # [rows, M]
-            mvm = kernels.masked_feature_loss(
+            hidden = ops.hidden_indices(mask, n - visible.shape[1])  # [rows, M]
+            mvm = ops.masked_feature_loss(
                 pred,
                 targets,
                 hidden,

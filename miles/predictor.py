@@ -1,6 +1,6 @@
 """The MVM predictor: encoder features back on the full grid, a few light blocks, features out.
 
-It restores the grid with `kernels.restore_tokens` (encoder outputs at visible positions, a learned mask
+It restores the grid with `ops.restore_tokens` (encoder outputs at visible positions, a learned mask
 token elsewhere, plus its own position embeddings), so the same module serves `bert` mode (every position
 visible, nothing to restore) and the token-dropping mode.
 """
@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 
-import kernels
 from miles.video_encoder import SpaceTimeBlock, VideoFeatures, _init_weights
+from miles_kernels import ops
 
 
 class MaskedFeaturePredictor(nn.Module):
@@ -53,7 +53,7 @@ class MaskedFeaturePredictor(nn.Module):
         `frame_mask [B, F]` (True = real frame) hides padded frames from the temporal and CLS attention.
         """
         y = self.embed(features.patches)
-        grid = kernels.restore_tokens(
+        grid = ops.restore_tokens(
             y, visible, self.mask_token, self.pos_embed, self.temporal_embed, impl=impl
         )
         b, f = grid.shape[:2]

@@ -29,7 +29,6 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-import kernels
 from data_dali.loaders import DataSource, build_loader, data_fingerprint
 from data_dali.reference_loader import set_loader_epoch
 from miles import checkpoint as ckpt
@@ -47,6 +46,7 @@ from miles.model import MilesModel
 from miles.snapshot import SnapshotEncoder
 from miles.stop import GracefulStop, NonFiniteError, StopRequested
 from miles.targets import ENCODER_TARGETS, input_targets
+from miles_kernels import ops
 
 log = logging.getLogger("miles")
 
@@ -581,7 +581,7 @@ class Trainer:
         mask = targets = visible = None
         with autocast_context(self.device, cfg.train.precision):
             if cfg.mvm.enabled and cfg.mvm.mask_ratio > 0:
-                mask, visible = kernels.mvm_mask(
+                mask, visible = ops.mvm_mask(
                     video.shape[0],
                     video.shape[1],
                     self.model.video_model.grid_size,

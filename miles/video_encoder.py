@@ -14,8 +14,8 @@ import torch.nn as nn
 from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
-import kernels
 from miles.attention import DividedAttention
+from miles_kernels import ops
 
 
 class SpaceTimeBlock(nn.Module):
@@ -124,14 +124,14 @@ class SpaceTimeTransformer(nn.Module):
     def embed_visible(self, video: torch.Tensor, visible: torch.Tensor, impl: str = "auto") -> torch.Tensor:
         """video [B, F, 3, H, W] -> tokens [B, 1 + F*K, D] of the visible tubes only (`drop` mode).
 
-        `kernels.drop_tokens` gathers the `visible` [B, K] positions of every frame and adds the spatial
+        `ops.drop_tokens` gathers the `visible` [B, K] positions of every frame and adds the spatial
         and temporal embeddings in one pass; hidden tubes never enter the encoder.
         """
         b, f = video.shape[:2]
         if f > self.num_frames:
             raise ValueError(f"{f} frames exceed the model's {self.num_frames} temporal embeddings")
         x = self.patch_embed(video.flatten(0, 1)).reshape(b, f, self.patches_per_frame, self.embed_dim)
-        x = kernels.drop_tokens(x, visible, self.pos_embed[0, 1:], self.temporal_embed[0], impl=impl)
+        x = ops.drop_tokens(x, visible, self.pos_embed[0, 1:], self.temporal_embed[0], impl=impl)
         cls = self.cls_token + self.pos_embed[:, :1]
         return torch.cat([cls.expand(b, -1, -1).to(x.dtype), x.flatten(1, 2)], dim=1)
 

@@ -24,12 +24,30 @@ def shard_overrides(root: Path) -> list[str]:
     return [*data_overrides(root, train="train", val="val"), "data.backend=auto"]
 
 
+def console_script() -> str:
+    """The installed `miles` command beside this interpreter (what a user types)."""
+    found = shutil.which("miles", path=str(Path(sys.executable).parent))
+    if found is None:
+        raise AssertionError(
+            f"no `miles` command beside {sys.executable}: install the project (make install)"
+        )
+    return found
+
+
 def run_miles(
-    *args: str, check: bool = True, env: dict | None = None, timeout: float = 300
+    *args: str,
+    check: bool = True,
+    env: dict | None = None,
+    timeout: float = 300,
+    cwd: Path | None = None,
+    installed: bool = False,
 ) -> subprocess.CompletedProcess:
+    """`python -m miles ARGS` from `cwd` (default: this process's folder), or with `installed` the console
+    script, whose sys.path starts at the venv's bin/ rather than at a checkout."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **(env or {}))
+    command = [console_script()] if installed else [sys.executable, "-m", "miles"]
     proc = subprocess.run(
-        [sys.executable, "-m", "miles", *args], capture_output=True, text=True, env=env, timeout=timeout
+        [*command, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"miles {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")

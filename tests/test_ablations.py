@@ -13,12 +13,12 @@ import pytest
 import torch
 from runs import as_killed_after, data_overrides, logged_losses, run_miles
 
-import kernels
 from miles.config import ConfigError, build_config
 from miles.model import MilesModel
 from miles.snapshot import SnapshotEncoder, cosine_momentum
 from miles.targets import hog_cells, hog_targets, input_targets, pixel_targets, target_dim
 from miles.video_encoder import SpaceTimeTransformer
+from miles_kernels import ops
 
 
 def _real_frames(height: int, width: int) -> np.ndarray:
@@ -138,8 +138,8 @@ def test_cosine_momentum_schedule_and_its_ema_update() -> None:
 def test_mask_types_shapes_counts_and_independence() -> None:
     b, f, grid, ratio = 4, 3, (8, 8), 0.5
     masks = {
-        t: kernels.mvm_mask(b, f, grid, ratio, mask_type=t, seed=3, step=1, impl="reference")
-        for t in kernels.MASK_TYPES
+        t: ops.mvm_mask(b, f, grid, ratio, mask_type=t, seed=3, step=1, impl="reference")
+        for t in ops.MASK_TYPES
     }
     for t in ("block_tube", "random_tube"):
         mask, visible = masks[t]
@@ -150,7 +150,7 @@ def test_mask_types_shapes_counts_and_independence() -> None:
         assert mask.shape == (b, f, 64) and visible.shape == (b, f, 32)
         assert (mask.sum(-1) == 32).all()
         assert not torch.equal(mask[:, 0], mask[:, 1])  # a different mask in each frame
-        tubes = kernels.tube_mask(b * f, grid, ratio, seed=3, step=1, blockwise=t == "block_frame")
+        tubes = ops.tube_mask(b * f, grid, ratio, seed=3, step=1, blockwise=t == "block_frame")
         assert torch.equal(mask.flatten(0, 1), tubes[0])  # frame f of sample b is row b * F + f
     assert not torch.equal(masks["block_tube"][0], masks["random_tube"][0])
 
@@ -164,8 +164,8 @@ def _hidden_neighbours(mask: torch.Tensor, grid: tuple[int, int]) -> float:
 
 def test_random_tube_is_scattered_and_block_tube_is_clustered() -> None:
     args = dict(seed=0, step=0, impl="reference")
-    block = kernels.mvm_mask(64, 1, (14, 14), 0.5, mask_type="block_tube", **args)[0]
-    scattered = kernels.mvm_mask(64, 1, (14, 14), 0.5, mask_type="random_tube", **args)[0]
+    block = ops.mvm_mask(64, 1, (14, 14), 0.5, mask_type="block_tube", **args)[0]
+    scattered = ops.mvm_mask(64, 1, (14, 14), 0.5, mask_type="random_tube", **args)[0]
     assert _hidden_neighbours(scattered, (14, 14)) == pytest.approx(0.5, abs=0.03)  # independent positions
     assert _hidden_neighbours(block, (14, 14)) > 0.75  # whole rectangles
     frequency = scattered.float().mean(0)  # every position hidden about half the time
@@ -179,7 +179,7 @@ def test_per_frame_mask_in_the_encoder_and_the_loss() -> None:
     torch.manual_seed(0)
     model = MilesModel(cfg)
     video = torch.randn(2, 2, 3, 32, 32)
-    mask, visible = kernels.mvm_mask(2, 2, model.video_model.grid_size, 0.5, mask_type="random_frame", seed=1)
+    mask, visible = ops.mvm_mask(2, 2, model.video_model.grid_size, 0.5, mask_type="random_frame", seed=1)
     tokens = model.video_model.embed(video, mask)[:, 1:].reshape(2, 2, 16, -1)
     plain = model.video_model.embed(video)[:, 1:].reshape(2, 2, 16, -1)
     token = model.video_model.mask_token.reshape(-1)

@@ -21,13 +21,13 @@ if os.environ.get("TRITON_INTERPRET", "").strip() not in ("", "0"):
 
 from kernel_checks import rel_err  # noqa: E402
 
-import kernels  # noqa: E402
-import kernels.masked_feature_loss_triton as mt  # noqa: E402
-import kernels.tokens_triton as tt  # noqa: E402
-import kernels.tube_mask_triton as mk  # noqa: E402
-from kernels.masked_feature_loss import masked_feature_loss_reference  # noqa: E402
-from kernels.tokens import drop_tokens_reference, restore_tokens_reference  # noqa: E402
-from kernels.tube_mask import tube_mask_reference  # noqa: E402
+import miles_kernels.masked_feature_loss_triton as mt  # noqa: E402
+import miles_kernels.tokens_triton as tt  # noqa: E402
+import miles_kernels.tube_mask_triton as mk  # noqa: E402
+from miles_kernels import ops  # noqa: E402
+from miles_kernels.masked_feature_loss import masked_feature_loss_reference  # noqa: E402
+from miles_kernels.tokens import drop_tokens_reference, restore_tokens_reference  # noqa: E402
+from miles_kernels.tube_mask import tube_mask_reference  # noqa: E402
 
 CUDA = torch.device("cuda")
 # (B, F, N, C, ratio): the `base` step, a long clip at 448 px with ViT-L width, and odd sizes.
@@ -63,11 +63,11 @@ def _grads_match(out, ref, inputs, tol: float, gen: torch.Generator) -> None:
 
 def test_every_mask_type_compiled_bit_identical() -> None:
     """random_tube / *_frame (the ablations) through the compiled kernel, bit for bit as the reference."""
-    for mask_type in kernels.MASK_TYPES:
+    for mask_type in ops.MASK_TYPES:
         for grid, ratio in [((14, 14), 0.75), ((7, 9), 0.5), ((16, 16), 0.9)]:
             kwargs = dict(mask_type=mask_type, seed=5, step=3, device=CUDA)
-            got = kernels.mvm_mask(8, 4, grid, ratio, impl="triton", **kwargs)
-            want = kernels.mvm_mask(8, 4, grid, ratio, impl="reference", **kwargs)
+            got = ops.mvm_mask(8, 4, grid, ratio, impl="triton", **kwargs)
+            want = ops.mvm_mask(8, 4, grid, ratio, impl="reference", **kwargs)
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (mask_type, grid, ratio)
 
 
@@ -80,21 +80,21 @@ def test_tube_mask_drop_restore_compiled(
     side = int(n**0.5)
     grid = (side, side) if side * side == n else (7, 7)
     gen = torch.Generator(device=CUDA).manual_seed(n * c)
-    mask, visible = kernels.tube_mask(b, grid, ratio, seed=3, step=11, device=CUDA, impl="triton")
+    mask, visible = ops.tube_mask(b, grid, ratio, seed=3, step=11, device=CUDA, impl="triton")
     want_mask, want_visible = tube_mask_reference(b, grid, ratio, seed=3, step=11, device=CUDA)
     assert torch.equal(mask, want_mask) and torch.equal(visible, want_visible)  # bit for bit
     k = visible.shape[1]
     # Position tables are fp32 parameters while the patch embeddings are bf16 under autocast.
     x = _leaf((b, f, n, c), x_dtype, gen)
     pos, time = _leaf((n, c), torch.float32, gen), _leaf((f, c), torch.float32, gen)
-    out = kernels.drop_tokens(x, visible, pos, time, impl="triton")
+    out = ops.drop_tokens(x, visible, pos, time, impl="triton")
     ref = drop_tokens_reference(x, visible, pos, time)
     tol = _tol(x)
     assert rel_err(out, ref) <= tol
     _grads_match(out, ref, (x, pos, time), tol, gen)
     y = _leaf((b, f, k, c), x_dtype, gen)
     mask_token = _leaf((c,), torch.float32, gen)
-    out = kernels.restore_tokens(y, visible, mask_token, pos, time, impl="triton")
+    out = ops.restore_tokens(y, visible, mask_token, pos, time, impl="triton")
     ref = restore_tokens_reference(y, visible, mask_token, pos, time)
     assert rel_err(out, ref) <= tol
     _grads_match(out, ref, (y, mask_token, pos, time), tol, gen)
@@ -108,18 +108,18 @@ def test_masked_feature_loss_compiled(
 ) -> None:
     b, f, n, c, ratio = shape
     gen = torch.Generator(device=CUDA).manual_seed(n + c)
-    m = kernels.num_hidden(n, ratio)
+    m = ops.num_hidden(n, ratio)
     hidden = torch.stack([torch.randperm(n, generator=gen, device=CUDA)[:m] for _ in range(b)])
     pred = _leaf((b, f, n, c), pred_dtype, gen)
     target = torch.randn(b, f, n, c, generator=gen, device=CUDA) * 3 + 1  # fp32, as the snapshot gives
-    got = kernels.masked_feature_loss(pred, target, hidden, kind=kind, impl="triton")
+    got = ops.masked_feature_loss(pred, target, hidden, kind=kind, impl="triton")
     want = masked_feature_loss_reference(pred, target, hidden, kind=kind)
     tol = _tol(pred)
     assert abs(got.item() - want.item()) <= tol * abs(want.item())
     (g_got,) = torch.autograd.grad(got, pred)
     (g_want,) = torch.autograd.grad(want, pred)
     assert rel_err(g_got, g_want) <= tol
-    assert got.item() == kernels.masked_feature_loss(pred, target, hidden, kind=kind, impl="triton").item()
+    assert got.item() == ops.masked_feature_loss(pred, target, hidden, kind=kind, impl="triton").item()
 
 
 def test_auto_dispatch_runs_the_kernels_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -128,7 +128,7 @@ def test_auto_dispatch_runs_the_kernels_on_cuda(monkeypatch: pytest.MonkeyPatch)
     real = tt.drop_tokens_triton
     monkeypatch.setattr(tt, "drop_tokens_triton", lambda *a: calls.append(1) or real(*a))
     x = torch.randn(2, 4, 196, 64, device=CUDA)
-    _, visible = kernels.tube_mask(2, (14, 14), 0.75, seed=0, device=CUDA)
+    _, visible = ops.tube_mask(2, (14, 14), 0.75, seed=0, device=CUDA)
     pos, time = torch.randn(196, 64, device=CUDA), torch.randn(4, 64, device=CUDA)
-    kernels.drop_tokens(x, visible, pos, time, impl="auto")
+    ops.drop_tokens(x, visible, pos, time, impl="auto")
     assert calls == [1]

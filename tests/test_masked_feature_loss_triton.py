@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from kernel_checks import import_interpreted, rel_err
 
-import kernels
-from kernels.masked_feature_loss import masked_feature_loss_reference
+from miles_kernels import ops
+from miles_kernels.masked_feature_loss import masked_feature_loss_reference
 
-mt = import_interpreted("kernels.masked_feature_loss_triton")
+mt = import_interpreted("miles_kernels.masked_feature_loss_triton")
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
@@ -47,7 +47,7 @@ def _check_against_reference(
     upstream: float = 1.7,
 ) -> torch.Tensor:
     """Loss and pred gradient (upstream gradient not 1) through the kernel and through the reference."""
-    got = kernels.masked_feature_loss(
+    got = ops.masked_feature_loss(
         pred, target, hidden, kind=kind, normalize_target=normalize, impl="triton"
     )
     want = masked_feature_loss_reference(pred, target, hidden, kind=kind, normalize_target=normalize)
@@ -100,7 +100,7 @@ def test_no_hidden_position_gives_zero_not_nan() -> None:
     pred, target = _grids(2, 2, 5, 8, torch.float32, gen)
     none = torch.zeros(2, 0, dtype=torch.int64)
     for impl in ("reference", "triton"):
-        loss = kernels.masked_feature_loss(pred, target, none, impl=impl)
+        loss = ops.masked_feature_loss(pred, target, none, impl=impl)
         assert loss.item() == 0.0
         (grad,) = torch.autograd.grad(loss, (pred,))
         assert (grad == 0).all()
@@ -111,13 +111,13 @@ def test_known_value_by_hand() -> None:
     pred = torch.zeros(1, 1, 3, 2, requires_grad=True)
     target = torch.tensor([[[[9.0, 9.0], [5.0, -5.0], [7.0, 7.0]]]])
     hidden = torch.tensor([[1]])
-    loss = kernels.masked_feature_loss(pred, target, hidden, impl="triton")
+    loss = ops.masked_feature_loss(pred, target, hidden, impl="triton")
     assert loss.item() == pytest.approx(1.0 / (1.0 + 1e-6 / 25.0), rel=1e-6)
     loss.backward()
     want = torch.zeros(1, 1, 3, 2)
     want[0, 0, 1] = torch.tensor([-1.0, 1.0])  # 2 * (0 - t) / 2 elements, t = (1, -1)
     torch.testing.assert_close(pred.grad, want, rtol=1e-5, atol=1e-6)
-    raw = kernels.masked_feature_loss(
+    raw = ops.masked_feature_loss(
         pred, target, hidden, kind="smooth_l1", normalize_target=False, impl="triton"
     )
     assert raw.item() == pytest.approx(4.5)  # |d| = 5 each: 5 - 0.5
@@ -139,8 +139,8 @@ def test_target_gets_no_gradient_and_loss_is_deterministic() -> None:
     pred, target = _grids(2, 2, 10, 100, torch.float32, gen)
     target.requires_grad_(True)
     hidden = _hidden(2, 10, 6, gen)
-    a = kernels.masked_feature_loss(pred, target, hidden, impl="triton")
-    b = kernels.masked_feature_loss(pred, target, hidden, impl="triton")
+    a = ops.masked_feature_loss(pred, target, hidden, impl="triton")
+    b = ops.masked_feature_loss(pred, target, hidden, impl="triton")
     assert a.item() == b.item()  # per-program partials, summed in a fixed order
     grad_pred, grad_target = torch.autograd.grad(a, (pred, target), allow_unused=True)
     assert grad_target is None and grad_pred is not None
@@ -186,39 +186,39 @@ def test_dispatch_auto_is_reference_on_cpu_and_triton_is_explicit(monkeypatch: p
     )
     pred, target, hidden = _small(torch.Generator().manual_seed(4))
 
-    auto = kernels.masked_feature_loss(pred, target, hidden)  # CPU tensors: never the interpreter
+    auto = ops.masked_feature_loss(pred, target, hidden)  # CPU tensors: never the interpreter
     assert calls == []
-    ref = kernels.masked_feature_loss(pred, target, hidden, impl="reference")
+    ref = ops.masked_feature_loss(pred, target, hidden, impl="reference")
     assert calls == []
-    got = kernels.masked_feature_loss(pred, target, hidden, impl="triton")
+    got = ops.masked_feature_loss(pred, target, hidden, impl="triton")
     assert calls == ["triton"]
     torch.testing.assert_close(auto, ref)
     torch.testing.assert_close(got, ref)
 
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RuntimeError, match="CUDA"):
-        kernels.masked_feature_loss(pred, target, hidden, impl="triton")
+        ops.masked_feature_loss(pred, target, hidden, impl="triton")
 
 
 def test_bad_inputs_fail_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
     pred, target, hidden = _small(torch.Generator().manual_seed(5))
     with pytest.raises(ValueError, match="impl"):
-        kernels.masked_feature_loss(pred, target, hidden, impl="cuda")
+        ops.masked_feature_loss(pred, target, hidden, impl="cuda")
     for impl in ("reference", "triton"):
         with pytest.raises(ValueError, match="mse.*smooth_l1"):
-            kernels.masked_feature_loss(pred, target, hidden, kind="l1", impl=impl)
+            ops.masked_feature_loss(pred, target, hidden, kind="l1", impl=impl)
         with pytest.raises(ValueError, match="target"):
-            kernels.masked_feature_loss(pred, target[:, :1], hidden, impl=impl)
+            ops.masked_feature_loss(pred, target[:, :1], hidden, impl=impl)
         with pytest.raises(ValueError, match="hidden"):
-            kernels.masked_feature_loss(pred, target, hidden[:1], impl=impl)
+            ops.masked_feature_loss(pred, target, hidden[:1], impl=impl)
         with pytest.raises(ValueError, match="integer"):
-            kernels.masked_feature_loss(pred, target, hidden.float(), impl=impl)
+            ops.masked_feature_loss(pred, target, hidden.float(), impl=impl)
         with pytest.raises(ValueError, match=r"\[B, F, N, C\]"):
-            kernels.masked_feature_loss(pred[0], target[0], hidden, impl=impl)
+            ops.masked_feature_loss(pred[0], target[0], hidden, impl=impl)
     # fp64: the kernel refuses and names the way out; the reference (and so auto) computes it
     with pytest.raises(ValueError, match='impl="reference"'):
-        kernels.masked_feature_loss(pred.double(), target.double(), hidden, impl="triton")
-    assert kernels.masked_feature_loss(pred.double(), target.double(), hidden).dtype == torch.float64
-    monkeypatch.setattr(kernels, "_triton_import_error", lambda: "ImportError: no triton")
+        ops.masked_feature_loss(pred.double(), target.double(), hidden, impl="triton")
+    assert ops.masked_feature_loss(pred.double(), target.double(), hidden).dtype == torch.float64
+    monkeypatch.setattr(ops, "_triton_import_error", lambda: "ImportError: no triton")
     with pytest.raises(RuntimeError, match="triton package"):
-        kernels.masked_feature_loss(pred, target, hidden, impl="triton")
+        ops.masked_feature_loss(pred, target, hidden, impl="triton")

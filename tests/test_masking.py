@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels.tube_mask import hash32
+from miles_kernels import ops
+from miles_kernels.tube_mask import hash32
 
 
 @pytest.mark.parametrize(
@@ -14,35 +14,35 @@ from kernels.tube_mask import hash32
 )
 def test_exact_count_and_visible_indices(grid: tuple[int, int], ratio: float) -> None:
     n = grid[0] * grid[1]
-    mask, visible = kernels.tube_mask(16, grid, ratio, seed=3, step=5)
+    mask, visible = ops.tube_mask(16, grid, ratio, seed=3, step=5)
     m = round(ratio * n)
     assert mask.shape == (16, n) and mask.dtype == torch.bool
     assert (mask.sum(1) == m).all()
     assert visible.shape == (16, n - m) and visible.dtype == torch.int64
     assert (visible[:, 1:] > visible[:, :-1]).all()  # sorted, distinct
     assert not mask.gather(1, visible).any()  # visible really are visible
-    hidden = kernels.hidden_indices(mask, m)
+    hidden = ops.hidden_indices(mask, m)
     assert hidden.shape == (16, m) and mask.gather(1, hidden).all()
 
 
 def test_ratio_zero_hides_nothing() -> None:
-    mask, visible = kernels.tube_mask(3, (4, 5), 0.0, seed=0)
+    mask, visible = ops.tube_mask(3, (4, 5), 0.0, seed=0)
     assert not mask.any() and torch.equal(visible, torch.arange(20).expand(3, 20))
 
 
 def test_reproducible_for_seed_and_step_and_varies_otherwise() -> None:
-    a, _ = kernels.tube_mask(8, (14, 14), 0.5, seed=7, step=11)
-    b, _ = kernels.tube_mask(8, (14, 14), 0.5, seed=7, step=11)
-    c, _ = kernels.tube_mask(8, (14, 14), 0.5, seed=7, step=12)
-    d, _ = kernels.tube_mask(8, (14, 14), 0.5, seed=8, step=11)
+    a, _ = ops.tube_mask(8, (14, 14), 0.5, seed=7, step=11)
+    b, _ = ops.tube_mask(8, (14, 14), 0.5, seed=7, step=11)
+    c, _ = ops.tube_mask(8, (14, 14), 0.5, seed=7, step=12)
+    d, _ = ops.tube_mask(8, (14, 14), 0.5, seed=8, step=11)
     assert torch.equal(a, b)
     assert not torch.equal(a, c) and not torch.equal(a, d)
     assert len({tuple(row.tolist()) for row in a}) == 8  # samples differ from each other
 
 
 def test_sample_mask_does_not_depend_on_batch_size() -> None:
-    small, _ = kernels.tube_mask(3, (14, 14), 0.5, seed=1, step=2)
-    large, _ = kernels.tube_mask(10, (14, 14), 0.5, seed=1, step=2)
+    small, _ = ops.tube_mask(3, (14, 14), 0.5, seed=1, step=2)
+    large, _ = ops.tube_mask(10, (14, 14), 0.5, seed=1, step=2)
     assert torch.equal(small, large[:3])
 
 
@@ -58,7 +58,7 @@ def _hidden_neighbour_fraction(mask: torch.Tensor, grid: tuple[int, int]) -> flo
 def test_blockwise_structure() -> None:
     """Hidden patches cluster: far more hidden neighbours than a scattered mask of the same ratio."""
     grid, ratio = (14, 14), 0.5
-    mask, _ = kernels.tube_mask(256, grid, ratio, seed=0, step=0)
+    mask, _ = ops.tube_mask(256, grid, ratio, seed=0, step=0)
     blockwise = _hidden_neighbour_fraction(mask, grid)
     g = torch.Generator().manual_seed(0)
     scattered = torch.zeros(256, 196, dtype=torch.bool)
@@ -69,7 +69,7 @@ def test_blockwise_structure() -> None:
 
 
 def test_every_position_hidden_about_equally_often() -> None:
-    mask, _ = kernels.tube_mask(4000, (14, 14), 0.5, seed=2, step=0)
+    mask, _ = ops.tube_mask(4000, (14, 14), 0.5, seed=2, step=0)
     freq = mask.float().mean(0)
     assert freq.min() > 0.45 and freq.max() < 0.55
 
@@ -84,6 +84,6 @@ def test_hash_is_a_32_bit_permutation_sample() -> None:
 
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="ratio"):
-        kernels.tube_mask(2, (4, 4), 1.2, seed=0)
+        ops.tube_mask(2, (4, 4), 1.2, seed=0)
     with pytest.raises(ValueError, match="impl"):
-        kernels.tube_mask(2, (4, 4), 0.5, seed=0, impl="cuda")
+        ops.tube_mask(2, (4, 4), 0.5, seed=0, impl="cuda")

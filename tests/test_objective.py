@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
 from miles.config import build_config
 from miles.model import MilesModel
 from miles.snapshot import SnapshotEncoder
+from miles_kernels import ops
 
 
 def _model(*overrides: str) -> MilesModel:
@@ -23,7 +23,7 @@ def _inputs(model: MilesModel, b: int = 4):
     tokens = model.tokenizer(
         ["a red circle moves left", "a blue square grows"] * (b // 2), return_tensors="pt", padding=True
     )
-    mask, visible = kernels.tube_mask(b, model.video_model.grid_size, 0.5, seed=0)
+    mask, visible = ops.tube_mask(b, model.video_model.grid_size, 0.5, seed=0)
     return video, tokens["input_ids"], tokens["attention_mask"], mask, visible
 
 

@@ -20,8 +20,13 @@ pytestmark = pytest.mark.slow
 
 
 def test_smoke_run_end_to_end(smoke_data: Path, tmp_path: Path) -> None:
+    """Run as a user runs it: the installed `miles` command, from a folder outside the checkout (where
+    Hugging Face's `kernels`, which transformers imports, must not be confused with ours)."""
     run = tmp_path / "run"
-    proc = run_miles("pretrain", "--preset", "smoke", "--out", str(run), *data_overrides(smoke_data))
+    proc = run_miles(
+        "pretrain", "--preset", "smoke", "--out", "run", *data_overrides(smoke_data),
+        cwd=tmp_path, installed=True,
+    )
     assert "t2v R1" in proc.stdout
     metrics = json.loads((run / "metrics.json").read_text())
     for side in ("t2v", "v2t"):
@@ -70,6 +75,8 @@ def test_smoke_run_end_to_end(smoke_data: Path, tmp_path: Path) -> None:
         str(smoke_data / "classes.txt"),
         "--out",
         str(out),
+        cwd=tmp_path,
+        installed=True,
     )
     again = json.loads(out.read_text())
     assert again["t2v"] == metrics["t2v"] and again["v2t"] == metrics["v2t"]

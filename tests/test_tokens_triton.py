@@ -10,10 +10,10 @@ import pytest
 import torch
 from kernel_checks import import_interpreted, rel_err
 
-import kernels
-from kernels.tokens import drop_tokens_reference, restore_tokens_reference
+from miles_kernels import ops
+from miles_kernels.tokens import drop_tokens_reference, restore_tokens_reference
 
-tt = import_interpreted("kernels.tokens_triton")
+tt = import_interpreted("miles_kernels.tokens_triton")
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
@@ -60,7 +60,7 @@ def test_drop_and_restore_match_reference(shape: tuple[int, int, int, int], dtyp
 
     # drop_tokens
     x = _leaf((b, f, n, c), dtype, gen)
-    out = kernels.drop_tokens(x, visible, pos, time, impl="triton")
+    out = ops.drop_tokens(x, visible, pos, time, impl="triton")
     ref = drop_tokens_reference(x, visible, pos, time)
     assert rel_err(out, ref) <= tol
     upstream = torch.randn(ref.shape, generator=gen).to(dtype)
@@ -68,7 +68,7 @@ def test_drop_and_restore_match_reference(shape: tuple[int, int, int, int], dtyp
     # restore_tokens
     y = _leaf((b, f, k, c), dtype, gen)
     mask_token = _leaf((c,), dtype, gen)
-    out = kernels.restore_tokens(y, visible, mask_token, pos, time, impl="triton")
+    out = ops.restore_tokens(y, visible, mask_token, pos, time, impl="triton")
     ref = restore_tokens_reference(y, visible, mask_token, pos, time)
     assert rel_err(out, ref) <= tol
     upstream = torch.randn(ref.shape, generator=gen).to(dtype)
@@ -84,12 +84,12 @@ def test_wide_channels(c: int) -> None:
     visible = _visible(b, n, k, gen)
     x, y = _leaf((b, f, n, c), torch.float32, gen), _leaf((b, f, k, c), torch.float32, gen)
     mask_token, pos, time = (_leaf(s, torch.float32, gen) for s in ((c,), (n, c), (f, c)))
-    out = kernels.drop_tokens(x, visible, pos, time, impl="triton")
+    out = ops.drop_tokens(x, visible, pos, time, impl="triton")
     ref = drop_tokens_reference(x, visible, pos, time)
     assert rel_err(out, ref) <= 1e-5
     g = torch.randn(ref.shape, generator=gen)
     _check_grads(out, ref, (x, pos, time), g, 1e-5)
-    out = kernels.restore_tokens(y, visible, mask_token, pos, time, impl="triton")
+    out = ops.restore_tokens(y, visible, mask_token, pos, time, impl="triton")
     ref = restore_tokens_reference(y, visible, mask_token, pos, time)
     assert rel_err(out, ref) <= 1e-5
     g = torch.randn(ref.shape, generator=gen)
@@ -105,7 +105,7 @@ def test_edge_cases_all_visible_none_visible_int32_noncontiguous_partial_grads()
     # every position visible, int32 indices, non-contiguous x
     visible = torch.arange(n, dtype=torch.int32).expand(b, n)
     x = torch.randn(b, n, f, c, generator=gen).transpose(1, 2).requires_grad_(True)
-    out = kernels.drop_tokens(x, visible, pos, time, impl="triton")
+    out = ops.drop_tokens(x, visible, pos, time, impl="triton")
     ref = drop_tokens_reference(x, visible.long(), pos, time)
     assert rel_err(out, ref) <= 1e-5
     # only pos requires a gradient
@@ -116,13 +116,13 @@ def test_edge_cases_all_visible_none_visible_int32_noncontiguous_partial_grads()
     # nothing visible: the grid is mask_token + pos + time everywhere
     none = torch.zeros(b, 0, dtype=torch.int64)
     y = torch.zeros(b, f, 0, c, requires_grad=True)
-    out = kernels.restore_tokens(y, none, mask_token, pos, time, impl="triton")
+    out = ops.restore_tokens(y, none, mask_token, pos, time, impl="triton")
     ref = restore_tokens_reference(y, none, mask_token, pos, time)
     assert rel_err(out, ref) <= 1e-5
     g = torch.randn(ref.shape, generator=gen)
     inputs = (y, mask_token, pos, time)
     _check_grads(out, ref, inputs, g, 1e-5)
-    assert kernels.drop_tokens(x, none, pos, time, impl="triton").shape == (b, f, 0, c)
+    assert ops.drop_tokens(x, none, pos, time, impl="triton").shape == (b, f, 0, c)
 
 
 def test_mixed_dtypes_follow_reference_promotion() -> None:
@@ -132,7 +132,7 @@ def test_mixed_dtypes_follow_reference_promotion() -> None:
     visible = _visible(b, n, 4, gen)
     x = _leaf((b, f, n, c), torch.bfloat16, gen)
     pos, time = _leaf((n, c), torch.float32, gen), _leaf((f, c), torch.float32, gen)
-    out = kernels.drop_tokens(x, visible, pos, time, impl="triton")
+    out = ops.drop_tokens(x, visible, pos, time, impl="triton")
     ref = drop_tokens_reference(x, visible, pos, time)
     assert out.dtype == ref.dtype == torch.float32
     assert rel_err(out, ref) <= 1e-5
@@ -162,37 +162,37 @@ def test_dispatch_auto_is_reference_on_cpu_and_triton_is_explicit(monkeypatch: p
     x, y, visible, mask_token, pos, time = _inputs(torch.Generator().manual_seed(2))
 
     # auto on CPU tensors never pays for the interpreter, even when it is switched on
-    auto_out = kernels.drop_tokens(x, visible, pos, time)
-    auto_grid = kernels.restore_tokens(y, visible, mask_token, pos, time)
+    auto_out = ops.drop_tokens(x, visible, pos, time)
+    auto_grid = ops.restore_tokens(y, visible, mask_token, pos, time)
     assert calls == []
-    out = kernels.drop_tokens(x, visible, pos, time, impl="triton")
-    grid = kernels.restore_tokens(y, visible, mask_token, pos, time, impl="triton")
+    out = ops.drop_tokens(x, visible, pos, time, impl="triton")
+    grid = ops.restore_tokens(y, visible, mask_token, pos, time, impl="triton")
     assert calls == ["drop", "restore"]
     torch.testing.assert_close(out, auto_out)
     torch.testing.assert_close(grid, auto_grid)
-    kernels.drop_tokens(x, visible, pos, time, impl="reference")
+    ops.drop_tokens(x, visible, pos, time, impl="reference")
     assert calls == ["drop", "restore"]  # "reference" never runs the kernels
 
     # CPU tensors without the interpreter: "triton" refuses clearly
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RuntimeError, match="CUDA"):
-        kernels.drop_tokens(x, visible, pos, time, impl="triton")
+        ops.drop_tokens(x, visible, pos, time, impl="triton")
 
 
 def test_triton_unavailable_and_bad_impl(monkeypatch: pytest.MonkeyPatch) -> None:
     x, y, visible, mask_token, pos, time = _inputs(torch.Generator().manual_seed(3))
     with pytest.raises(ValueError, match="impl"):
-        kernels.drop_tokens(x, visible, pos, time, impl="cuda")
+        ops.drop_tokens(x, visible, pos, time, impl="cuda")
     with pytest.raises(ValueError, match="impl"):
-        kernels.restore_tokens(y, visible, mask_token, pos, time, impl="fast")
+        ops.restore_tokens(y, visible, mask_token, pos, time, impl="fast")
     with pytest.raises(ValueError, match="impl"):
-        kernels.tube_mask(2, (4, 4), 0.5, seed=0, impl="fast")
-    monkeypatch.setattr(kernels, "_triton_import_error", lambda: "ImportError: no triton")
+        ops.tube_mask(2, (4, 4), 0.5, seed=0, impl="fast")
+    monkeypatch.setattr(ops, "_triton_import_error", lambda: "ImportError: no triton")
     with pytest.raises(RuntimeError, match="triton package"):
-        kernels.restore_tokens(y, visible, mask_token, pos, time, impl="triton")
+        ops.restore_tokens(y, visible, mask_token, pos, time, impl="triton")
     # auto quietly uses the reference when triton is missing
     torch.testing.assert_close(
-        kernels.restore_tokens(y, visible, mask_token, pos, time),
+        ops.restore_tokens(y, visible, mask_token, pos, time),
         restore_tokens_reference(y, visible, mask_token, pos, time),
     )
 
@@ -200,8 +200,8 @@ def test_triton_unavailable_and_bad_impl(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_shape_errors() -> None:
     x, y, visible, mask_token, pos, time = _inputs(torch.Generator().manual_seed(4))
     with pytest.raises(ValueError, match="pos"):
-        kernels.drop_tokens(x, visible, pos[:-1], time, impl="triton")
+        ops.drop_tokens(x, visible, pos[:-1], time, impl="triton")
     with pytest.raises(ValueError, match="time"):
-        kernels.restore_tokens(y, visible, mask_token, pos, time[:1], impl="triton")
+        ops.restore_tokens(y, visible, mask_token, pos, time[:1], impl="triton")
     with pytest.raises(ValueError, match="mask_token"):
-        kernels.restore_tokens(y, visible, mask_token[:-1], pos, time, impl="triton")
+        ops.restore_tokens(y, visible, mask_token[:-1], pos, time, impl="triton")

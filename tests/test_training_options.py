@@ -9,12 +9,12 @@ import pytest
 import torch
 from runs import as_killed_after, data_overrides, logged_losses, run_miles
 
-import kernels
 from miles import checkpoint as ckpt
 from miles.config import ConfigError, build_config
 from miles.model import MilesModel
 from miles.snapshot import SnapshotEncoder
 from miles.train import cpu_bf16_flags, resolve_precision, snapshot_dtype
+from miles_kernels import ops
 
 
 def test_checkpointed_gradients_equal_the_plain_run(minilm_dir) -> None:
@@ -29,7 +29,7 @@ def test_checkpointed_gradients_equal_the_plain_run(minilm_dir) -> None:
     tokens = plain.tokenizer(
         ["a red square slides left", "a blue circle grows"], padding=True, return_tensors="pt"
     )
-    mask, visible = kernels.tube_mask(2, plain.video_model.grid_size, 0.5, seed=0, step=0, device="cpu")
+    mask, visible = ops.tube_mask(2, plain.video_model.grid_size, 0.5, seed=0, step=0, device="cpu")
     targets = torch.randn(2, 2, plain.video_model.patches_per_frame, 64)
     block_calls = []
     grads, losses = [], []

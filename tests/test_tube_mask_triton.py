@@ -8,10 +8,8 @@ import pytest
 import torch
 from kernel_checks import import_interpreted
 
-ref = importlib.import_module(
-    "kernels.tube_mask"
-)  # (the attribute kernels.tube_mask is the dispatch function)
-tmt = import_interpreted("kernels.tube_mask_triton")
+ref = importlib.import_module("miles_kernels.tube_mask")  # the reference module, not ops.tube_mask
+tmt = import_interpreted("miles_kernels.tube_mask_triton")
 DEVICE = "cpu"
 
 
@@ -111,10 +109,10 @@ def test_invalid_arguments_raise() -> None:
 def test_dispatch_triton_matches_reference() -> None:
     """`impl="triton"` reaches the kernel through the one dispatch point (interpreted here; compiled on a
     GPU in tests/test_kernels_cuda.py)."""
-    import kernels
+    from miles_kernels import ops
 
     for grid, ratio in [((14, 14), 0.75), ((7, 9), 0.5), ((4, 5), 0.0)]:
-        got = kernels.tube_mask(3, grid, ratio, seed=9, step=4, device=DEVICE, impl="triton")
+        got = ops.tube_mask(3, grid, ratio, seed=9, step=4, device=DEVICE, impl="triton")
         want = ref.tube_mask_reference(3, grid, ratio, seed=9, step=4, device=DEVICE)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
@@ -129,11 +127,11 @@ def test_bit_identical_random_positions(grid: tuple[int, int], ratio: float) -> 
 
 def test_every_mask_type_bit_identical_through_dispatch() -> None:
     """The kernel serves all four MVM mask types: per-frame types are B * F rows of one launch."""
-    import kernels
+    from miles_kernels import ops
 
-    for mask_type in kernels.MASK_TYPES:
+    for mask_type in ops.MASK_TYPES:
         args = (3, 4, (7, 9), 0.6)
         kwargs = dict(mask_type=mask_type, seed=21, step=8, device=DEVICE)
-        got = kernels.mvm_mask(*args, impl="triton", **kwargs)
-        want = kernels.mvm_mask(*args, impl="reference", **kwargs)
+        got = ops.mvm_mask(*args, impl="triton", **kwargs)
+        want = ops.mvm_mask(*args, impl="reference", **kwargs)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), mask_type

@@ -6,7 +6,7 @@ plain PyTorch reference that every fast path is tested against; `impl="triton"` 
 
 `auto` uses Triton when every tensor is on CUDA and triton imports, the reference otherwise (a CPU run
 never pays for the interpreter by accident). `impl="triton"` on CPU tensors runs the Triton interpreter and
-needs TRITON_INTERPRET=1 set before `kernels.tokens_triton` is first imported (triton decides at
+needs TRITON_INTERPRET=1 set before `miles_kernels.tokens_triton` is first imported (triton decides at
 decoration time whether a kernel is interpreted; the module is imported lazily, on the first Triton call).
 """
 
@@ -16,9 +16,9 @@ import os
 
 import torch
 
-from kernels.masked_feature_loss import MASKED_FEATURE_LOSS_KINDS, masked_feature_loss_reference
-from kernels.tokens import drop_tokens_reference, restore_tokens_reference
-from kernels.tube_mask import hidden_indices, num_hidden, tube_mask_reference
+from miles_kernels.masked_feature_loss import MASKED_FEATURE_LOSS_KINDS, masked_feature_loss_reference
+from miles_kernels.tokens import drop_tokens_reference, restore_tokens_reference
+from miles_kernels.tube_mask import hidden_indices, num_hidden, tube_mask_reference
 
 IMPLS = ("auto", "reference", "triton")
 TUBE_MASK_IMPLS = ("auto", "reference", "triton")
@@ -107,7 +107,7 @@ def tube_mask(
     dev = torch.device(device) if device is not None else torch.device("cpu")
     args = dict(seed=seed, step=step, device=dev, min_area=min_area, blockwise=blockwise)
     if _use_triton(impl, dev):  # auto: CUDA + triton; triton: CUDA or interpreter
-        from kernels.tube_mask_triton import tube_mask_triton  # lazily: importing triton is not free
+        from miles_kernels.tube_mask_triton import tube_mask_triton  # lazily: importing triton is not free
 
         return tube_mask_triton(batch, grid, ratio, **args)
     return tube_mask_reference(batch, grid, ratio, **args)
@@ -156,7 +156,7 @@ def drop_tokens(
 ) -> torch.Tensor:
     _check_impl(impl)
     if _use_triton(impl, x.device, visible.device, pos.device, time.device):
-        from kernels.tokens_triton import drop_tokens_triton
+        from miles_kernels.tokens_triton import drop_tokens_triton
 
         return drop_tokens_triton(x, visible, pos, time)
     return drop_tokens_reference(x, visible, pos, time)
@@ -173,7 +173,7 @@ def restore_tokens(
 ) -> torch.Tensor:
     _check_impl(impl)
     if _use_triton(impl, y.device, visible.device, mask_token.device, pos.device, time.device):
-        from kernels.tokens_triton import restore_tokens_triton
+        from miles_kernels.tokens_triton import restore_tokens_triton
 
         return restore_tokens_triton(y, visible, mask_token, pos, time)
     return restore_tokens_reference(y, visible, mask_token, pos, time)
@@ -195,7 +195,7 @@ def masked_feature_loss(
     """
     _check_impl(impl)
     if _use_triton(impl, pred.device, target.device, hidden.device):
-        from kernels.masked_feature_loss_triton import masked_feature_loss_triton, unsupported_reason
+        from miles_kernels.masked_feature_loss_triton import masked_feature_loss_triton, unsupported_reason
 
         if impl == "triton" or unsupported_reason(pred, target) is None:
             return masked_feature_loss_triton(
