@@ -139,10 +139,13 @@ def test_encoder_backend_equals_reference(backend: str, frames: int, mode: str) 
         results.append((feats.cls, feats.patches, *(g for g in grads if g is not None)))
     assert len(results[0]) == len(results[1]) >= len(list(ref.parameters()))
     assert _rel_err(results[1][0], results[0][0]) <= 1e-5 and _rel_err(results[1][1], results[0][1]) <= 1e-5
-    # Gradients of cls_token / pos_embed sum over every token of both blocks: fp32 summation order shows
-    # at ~3e-5 (the layer-level test above holds backward to 1e-5).
+    # Gradients of cls_token / pos_embed sum over every token of both blocks, so fp32 rounding adds up: ~3e-5
+    # on an AVX2 CPU. On an AVX-512 CPU PyTorch's fused CPU attention (flash) kernel is less exact still:
+    # measured against an fp64 run of the reference (Xeon, 2026-12-06), cls_token's gradient is off by
+    # 1.3e-4 through sdpa (1.8e-5 with SDPA's math backend, 1.1e-5 through the fp32 reference). A wrong
+    # gradient is off by O(1); the layer-level test above holds backward to 1e-5.
     for got, expected in zip(results[1][2:], results[0][2:], strict=True):
-        assert _rel_err(got, expected) <= 1e-4
+        assert _rel_err(got, expected) <= 3e-4
 
 
 @pytest.mark.parametrize("backend", ["reference", "sdpa", "xformers"])
