@@ -2,7 +2,10 @@
 
 A kill never leaves a torn file, a full disk never leaves a partial one, and loading uses
 `torch.load(weights_only=True)`: tensors, plain containers and numbers only, so a crafted file cannot
-execute anything. A file that needs more is refused with the way to convert it if it is trusted.
+execute anything. The released MILES / Frozen-in-Time / MCQ files also pickle their trainer's run config
+(`parse_config.ConfigParser`, with `pathlib.PosixPath` fields and, for the distributed trainer, an
+`argparse.Namespace`): exactly those names are allowed, each mapped onto an inert stand-in that keeps the
+pickled attributes as data. Anything else is refused, naming what the file asked for.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import pickle
 import re
 import shutil
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -29,11 +32,52 @@ PATTERN = re.compile(r"step_(\d+)\.pt$")
 # Checkpoints written before 2026-12 hold numpy's RNG state as an array: allow exactly those types.
 _NUMPY_RNG_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
-CONVERT_HINT = (
-    'if you trust the file, keep only its tensors once: python -c "import sys, torch; '
-    "s = torch.load(sys.argv[1], map_location='cpu', weights_only=False); "
-    "torch.save({'state_dict': s.get('state_dict', s)}, sys.argv[2])\" TRUSTED.pth WEIGHTS.pt"
-)
+
+
+class PickledRecord:
+    """An object that a released trainer pickled, kept as its attributes (`fields`) and nothing more.
+
+    The weights-only unpickler builds it with `__new__` and `__setstate__` (a plain attribute dict, as
+    pickle stores an instance without a `__reduce__` of its own). Nothing of the original class runs:
+    a file that tries to call it with arguments, or to give it a state that is not a dict, is refused.
+    """
+
+    pickled_as = "?"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if args or kwargs:
+            raise pickle.UnpicklingError(f"{self.pickled_as} is only accepted as plain data, not called")
+        self.fields: dict[str, Any] = {}
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+            raise pickle.UnpicklingError(f"{self.pickled_as}: its pickled state is not an attribute dict")
+        self.fields = dict(state)
+
+    def __repr__(self) -> str:
+        return f"<{self.pickled_as} as data: {', '.join(self.fields)}>"
+
+
+class ReleasedRunConfig(PickledRecord):
+    """The run config the official trainer saves in every checkpoint (`_config`, `_save_dir`, ...)."""
+
+    pickled_as = "parse_config.ConfigParser"
+
+
+class ReleasedRunArgs(PickledRecord):
+    """The command-line arguments the distributed trainer's config object carries (`args`)."""
+
+    pickled_as = "argparse.Namespace"
+
+
+# Pickled name -> inert stand-in, for exactly what the released trainers put in their files.
+RELEASED_TRAINER_GLOBALS = [
+    (ReleasedRunConfig, "parse_config.ConfigParser"),
+    (ReleasedRunConfig, "parse_config_dist_multi.ConfigParser"),
+    (ReleasedRunArgs, "argparse.Namespace"),
+    (PurePosixPath, "pathlib.PosixPath"),  # a path as a value: nothing on disk is touched
+]
+_SAFE_GLOBALS = [*_NUMPY_RNG_GLOBALS, *RELEASED_TRAINER_GLOBALS]
 
 
 class CheckpointError(RuntimeError):
@@ -125,24 +169,36 @@ def prune(folder: Path, keep: int) -> None:
             stale.unlink(missing_ok=True)
 
 
+def _unsafe_globals(path: Path) -> str:
+    """The names a refused file asked for, beyond what `load` allows."""
+    try:
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            return ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path)) or "unknown"
+    except Exception:  # not a zip checkpoint: the names cannot be listed without unpickling
+        return "objects of the legacy pickle format"
+
+
 def load(path: Path, what: str = "checkpoint") -> dict[str, Any]:
     """A checkpoint or weights file as plain data; never runs code from the file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{what} {path} {'is a folder' if path.is_dir() else 'does not exist'}")
     try:
-        with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS):
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "weights only" not in str(err).lower():
-            raise CheckpointError(f"cannot read {what} {path}: damaged file ({str(err)[:200]})") from err
-        try:
-            unsafe = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path)) or "unknown"
-        except Exception:  # not a zip checkpoint: the names cannot be listed without unpickling
-            unsafe = "objects of the legacy pickle format"
+            raise CheckpointError(f"cannot read {what} {path}: {str(err)[:300]}") from err
+        found = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", str(err), re.S)
+        reason = " ".join(found.group(1).split()) if found else ""
+        if reason.startswith("Unsupported global"):  # the names are listed: not torch's advice to allow them
+            reason = ""
+        names = _unsafe_globals(path)
         raise CheckpointError(
-            f"refusing {what} {path}: it holds Python objects beyond tensors and plain containers "
-            f"({unsafe}), and unpickling them would run code from the file; {CONVERT_HINT}"
+            f"refusing {what} {path}: it holds Python objects beyond tensors, plain containers and the "
+            f"released trainers' run configs ({'; '.join(filter(None, [names, reason[:200]]))}), and "
+            "unpickling them would run code from the file. Save its tensors with the code that wrote it "
+            "(torch.save of the state dict, or safetensors) and load that file instead"
         ) from err
     except Exception as err:  # truncated, not a torch file, wrong format: say which file and why
         raise CheckpointError(f"cannot read {what} {path}: {str(err)[:300]}") from err

@@ -5,8 +5,9 @@ The released code saves `{"state_dict": {...}}` from a DataParallel model, so ev
 DistilBERT), the text projection (ReLU + Linear) as `text_proj.1.*` in MILES and `txt_proj.1.*` in
 Frozen-in-Time / MCQ, and `vid_proj.0.*`. Our modules carry the released names, so mapping a file onto
 `MilesModel` is prefix stripping plus one rename, and every tensor is accounted for: loaded, or listed
-as missing or unexpected with its reason. A released file holds no config; the video encoder's shape is
-read off its tensors.
+as missing or unexpected with its reason. A released file holds no config of ours (its trainer's pickled
+run config is read as data and not used); the video encoder's shape is read off its tensors. MCQ's file
+holds another video tower (VideoFormer and BridgeFormer, no temporal attention): it is named and refused.
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ from miles.checkpoint import CheckpointError
 log = logging.getLogger("miles")
 
 TOWERS = ("video_model.", "text_model.", "txt_proj.", "vid_proj.")
-# In a pre-training checkpoint of ours, not in a retrieval model: may be absent from any released file.
-PRETRAINING_ONLY = ("predictor.",)
+# Used only by MVM pre-training (the `bert`-mode mask token, the predictor): no released file has them, and
+# evaluation and fine-tuning never use them, so they start from their initialisation.
+PRETRAINING_ONLY = ("predictor.", "video_model.mask_token")
+# Keys only MCQ's video tower has (its BridgeFormer inside every block, and the bridge projection).
+MCQ_MARKERS = ("bridge_proj.", "video_model.norm2.")
 # Tensors some files hold that this model does not use, and why that loses nothing.
 HARMLESS_EXTRAS = {
     "text_model.pooler.": "the text pooler, unused (the CLS token is taken directly)",
@@ -54,9 +58,8 @@ class WholeLoadReport:
     unexpected: dict[str, str] = field(default_factory=dict)  # file key -> why it is not used
 
     def random_parts(self) -> list[str]:
-        """Towers (and the predictor) with at least one tensor not from the file."""
-        parts = {k.split(".", 1)[0] for k in self.missing}
-        return sorted(parts)
+        """Towers with at least one tensor that evaluation uses and the file did not give."""
+        return sorted({k.split(".", 1)[0] for k in self.missing if not k.startswith(PRETRAINING_ONLY)})
 
 
 def _released_keys(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
@@ -66,7 +69,18 @@ def _released_keys(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
         if name.startswith("text_proj."):
             name, milesnames = "txt_proj." + name[len("text_proj.") :], True
         out[name] = value
-    return out, "released MILES" if milesnames else "released Frozen-in-Time / MCQ"
+    if any(k.startswith(MCQ_MARKERS) for k in out):
+        return out, "released MCQ"
+    return out, "released MILES" if milesnames else "released Frozen-in-Time"
+
+
+def _refuse_other_video_towers(file: CheckpointFile) -> None:
+    if file.layout.startswith("released MCQ"):
+        raise CheckpointError(
+            f"checkpoint {file.path} is a released MCQ file: its video tower is MCQ's VideoFormer (no "
+            "temporal attention or temporal embedding, a BridgeFormer in every block), not the "
+            "Frozen-in-Time SpaceTimeTransformer this model uses; load MILES.pth or a Frozen-in-Time file"
+        )
 
 
 def _tensors(state: Any, path: Path, entry: str) -> dict[str, torch.Tensor]:
@@ -104,7 +118,9 @@ def read_checkpoint_file(path: str | Path) -> CheckpointFile:
         return CheckpointFile(path, _tensors(data["model"], path, "model"), data["config"], "miles")
     if "state_dict" in data:
         state, layout = _released_keys(_tensors(data["state_dict"], path, "state_dict"))
-        return CheckpointFile(path, state, None, layout)
+        file = CheckpointFile(path, state, None, layout)
+        _refuse_other_video_towers(file)
+        return file
     if data and all(isinstance(v, torch.Tensor) for v in data.values()):
         state, layout = _released_keys(data)
         return CheckpointFile(path, state, None, layout + " (bare state dict)")
@@ -142,9 +158,14 @@ def infer_model_overrides(state: dict[str, torch.Tensor]) -> list[str]:
     return out
 
 
+def _part(key: str) -> str:
+    """`predictor` for the predictor's tensors, the key itself for a single pre-training tensor."""
+    return "predictor" if key.startswith("predictor.") else key
+
+
 def _why_missing(key: str) -> str:
     if key.startswith(PRETRAINING_ONLY):
-        return "pre-training only (the MVM predictor): starts from its initialisation"
+        return "pre-training only (MVM): starts from its initialisation"
     return "not in the file"
 
 
@@ -175,7 +196,7 @@ def load_whole(model: nn.Module, file: CheckpointFile, *, allow_partial: bool = 
             f"mismatches, e.g. {'; '.join(mismatched[:3])}; check model.* (and --text-model) against it"
         )
     report.missing = {k: _why_missing(k) for k in own if k not in file.state}
-    has_predictor = any(k.startswith(PRETRAINING_ONLY) for k in own)
+    has_predictor = any(k.startswith("predictor.") for k in own)
     extra = {k: _why_unexpected(k, has_predictor) for k in file.state if k not in own}
     report.unexpected = {k: why or "not part of this model" for k, why in extra.items()}
     must_have = [k for k in report.missing if not k.startswith(PRETRAINING_ONLY)]
@@ -197,12 +218,14 @@ def load_whole(model: nn.Module, file: CheckpointFile, *, allow_partial: bool = 
     report.loaded = sorted(k for k in file.state if k in own)
     model.load_state_dict({k: file.state[k] for k in report.loaded}, strict=False)
     random_parts = report.random_parts()
+    pretraining = sorted({_part(k) for k in report.missing if k.startswith(PRETRAINING_ONLY)})
     log.info(
-        "weights from %s (%s): %d tensors loaded; %s",
+        "weights from %s (%s): %d tensors loaded; %s%s",
         file.path,
         file.layout,
         len(report.loaded),
         f"RANDOM (initialisation kept): {', '.join(random_parts)}" if random_parts else "no part left random",
+        f"; pre-training only, initialised: {', '.join(pretraining)}" if pretraining else "",
     )
     if must_have:
         log.warning(

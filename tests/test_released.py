@@ -1,22 +1,29 @@
 """Released MILES / Frozen-in-Time / MCQ checkpoints load whole and evaluate as the same weights in ours.
 
-The files are written here in each released layout (keys as the released code saves them, random
-weights, a DistilBERT text tower built from a small config), so no download is needed.
+The files are built by `released_files` from recorded facts about the releases (every key under
+`module.` with its shape, the official trainer's entries with its pickled `parse_config.ConfigParser`, an
+AdamW state, tensors saved from a GPU), at reduced widths; the text tower is a config-only DistilBERT
+folder with the uncased BERT vocabulary. No download is needed, and nothing is taken from our model.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
-from pathlib import Path
+import sys
+from collections import OrderedDict
+from pathlib import Path, PurePosixPath
 
 import pytest
 import torch
+from released_files import FACTS, SCALED, _config_parser_class, _importable, write_release_file
 from safetensors.torch import load_file, save_file
 from transformers import DistilBertConfig
 
-from miles.checkpoint import CheckpointError
+from miles import checkpoint as ckpt
+from miles.checkpoint import CheckpointError, ReleasedRunArgs, ReleasedRunConfig
 from miles.cli import main
 from miles.config import build_config
 from miles.model import MilesModel
@@ -25,47 +32,71 @@ from miles.released import infer_model_overrides, load_whole, read_checkpoint_fi
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def _distilbert_folder(root: Path, minilm_dir: Path, dim: int) -> Path:
+def _distilbert_folder(root: Path, minilm_dir: Path, dim: int, layers: int = 2) -> Path:
     """A config-only DistilBERT folder with the uncased BERT vocabulary distilbert-base-uncased uses."""
     folder = root / f"distilbert-{dim}"
     folder.mkdir()
-    DistilBertConfig(dim=dim, n_layers=2, n_heads=2, hidden_dim=2 * dim).save_pretrained(folder)
+    DistilBertConfig(dim=dim, n_layers=layers, n_heads=2, hidden_dim=4 * dim).save_pretrained(folder)
     for name in TOKENIZER_FILES:
         if (minilm_dir / name).is_file():
             shutil.copy(minilm_dir / name, folder / name)
     return folder
 
 
+# The released video tower's shape at the fixtures' widths (224 px, patch 16, 4 frames, as released), for
+# building our model by hand; `miles eval` reads it off the file's tensors instead.
+SHAPE = [
+    f"model.embed_dim={SCALED['video_dim']}",
+    f"model.depth={SCALED['video_blocks']}",
+    "model.num_heads=2",
+    "model.img_size=224",
+    "model.patch_size=16",
+    "model.num_frames=4",
+    "data.size=224",
+    "data.num_frames=4",
+]
+
+
+def by_hand(release_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a user would write: strip DataParallel's `module.`, and MILES' `text_proj` is our `txt_proj`."""
+    out = {}
+    for key, value in release_state.items():
+        name = key.removeprefix("module.")
+        out["txt_proj." + name[len("text_proj.") :] if name.startswith("text_proj.") else name] = value
+    return out
+
+
 @pytest.fixture(scope="module")
 def released(tmp_path_factory, minilm_dir: Path, smoke_data: Path) -> dict:
     root = tmp_path_factory.mktemp("released")
-    text = _distilbert_folder(root, minilm_dir, 32)
-    torch.manual_seed(7)
-    cfg = build_config("smoke", overrides=[f"model.text_model={text}"])
+    text = _distilbert_folder(root, minilm_dir, SCALED["text_dim"], SCALED["text_layers"])
+    paths = {name: root / file for name, file in (("miles", "MILES.pth"), ("frozen", "frozen.pth.tar"))}
+    release_state = write_release_file(paths["miles"], "miles", seed=7)
+    write_release_file(paths["frozen"], "frozen", seed=7)  # the same weights under Frozen's names
+    paths["mcq"] = root / "MCQ.pth"
+    write_release_file(paths["mcq"], "mcq", seed=7)
+    # The same weights in our own checkpoint format, loaded by hand (not through miles.released).
+    torch.manual_seed(0)
+    cfg = build_config("smoke", overrides=[f"model.text_model={text}", *SHAPE])
     model = MilesModel(cfg)
+    result = model.load_state_dict(by_hand(release_state), strict=False)
+    assert not result.unexpected_keys
+    assert {k.split(".")[0] for k in result.missing_keys} == {"predictor", "video_model"}
+    assert [k for k in result.missing_keys if k.startswith("video_model.")] == ["video_model.mask_token"]
     state = model.state_dict()
-    ours = root / "ours.pt"
-    torch.save({"config": cfg.to_dict(), "model": state, "step": 6}, ours)
-    towers = {k: v for k, v in state.items() if not k.startswith("predictor.")}
-    miles_keys = {"module." + k.replace("txt_proj.", "text_proj.", 1): v for k, v in towers.items()}
-    files = {
-        "miles": {"state_dict": miles_keys, "epoch": 10, "arch": "MILES"},
-        "frozen": {"state_dict": {"module." + k: v for k, v in towers.items()}, "epoch": 3},
-        "no_prefix": {"state_dict": dict(towers)},
-        "bare": dict(towers),
-    }
-    paths = {"ours": ours}
-    for name, content in files.items():
+    paths["ours"] = root / "ours.pt"
+    torch.save({"config": cfg.to_dict(), "model": state, "step": 6}, paths["ours"])
+    towers = by_hand(release_state)
+    for name, content in (("no_prefix", {"state_dict": dict(towers)}), ("bare", dict(towers))):
         paths[name] = root / f"{name}.pth"
         torch.save(content, paths[name])
     paths["safetensors"] = root / "released.safetensors"
-    save_file({k: v.contiguous() for k, v in miles_keys.items()}, str(paths["safetensors"]))
+    save_file({k: v.contiguous() for k, v in release_state.items()}, str(paths["safetensors"]))
     return {"root": root, "text": text, "paths": paths, "state": state, "data": smoke_data}
 
 
-# A released file has no config: the head count cannot be read off the weights, and the smoke run
-# evaluates 2 frames at batch 16.
-RELEASED_OVERRIDES = ["model.num_heads=2", "data.num_frames=2", "eval.batch_size=16"]
+# A released file has no config of ours: the head count cannot be read off the weights.
+RELEASED_OVERRIDES = ["model.num_heads=2", "data.num_frames=4", "eval.batch_size=16"]
 
 
 def _eval(released: dict, name: str, tmp_path: Path, *extra: str) -> dict:
@@ -81,16 +112,16 @@ def test_the_video_encoders_shape_is_read_off_its_tensors(released: dict) -> Non
     assert file.layout == "released MILES" and file.config is None
     assert infer_model_overrides(file.state) == [
         "model.embed_dim=64",
-        "model.patch_size=8",
-        "model.img_size=32",
-        "data.size=32",
+        "model.patch_size=16",
+        "model.img_size=224",
+        "data.size=224",
         "model.num_frames=4",
         "model.depth=2",
         "model.mlp_ratio=4.0",
         "model.projection_dim=256",
     ]
     assert "txt_proj.1.weight" in file.state and not any(k.startswith("module.") for k in file.state)
-    assert read_checkpoint_file(released["paths"]["frozen"]).layout == "released Frozen-in-Time / MCQ"
+    assert read_checkpoint_file(released["paths"]["frozen"]).layout == "released Frozen-in-Time"
 
 
 @pytest.mark.parametrize("name", ["miles", "frozen", "no_prefix", "bare", "safetensors"])
@@ -105,14 +136,14 @@ def test_released_layouts_evaluate_like_the_same_weights_in_ours(released: dict,
 def test_loading_is_strict_and_a_partial_load_says_what_is_random(
     released: dict, tmp_path: Path, caplog
 ) -> None:
-    state = torch.load(released["paths"]["miles"], weights_only=True)["state_dict"]
+    state = ckpt.load(released["paths"]["miles"])["state_dict"]
     video_only = tmp_path / "video_only.pth"
     torch.save({"state_dict": {k: v for k, v in state.items() if ".video_model." in k}}, video_only)
-    base = [f"model.text_model={released['text']}", "model.num_heads=2"]
+    base = [f"model.text_model={released['text']}", *SHAPE]
     cfg = build_config("smoke", overrides=[*base, f"model.init_checkpoint={video_only}"])
     with pytest.raises(CheckpointError) as err:
         MilesModel(cfg)
-    assert f"checkpoint {video_only} (released Frozen-in-Time / MCQ) is not a whole model" in str(err.value)
+    assert f"checkpoint {video_only} (released Frozen-in-Time) is not a whole model" in str(err.value)
     assert "(text_model, txt_proj, vid_proj; e.g. text_model." in str(err.value)
     assert "model.allow_partial_init=true" in str(err.value)
     with caplog.at_level(logging.INFO, logger="miles"):
@@ -122,7 +153,10 @@ def test_loading_is_strict_and_a_partial_load_says_what_is_random(
                 overrides=[*base, f"model.init_checkpoint={video_only}", "model.allow_partial_init=true"],
             )
         )
-    assert "RANDOM (initialisation kept): predictor, text_model, txt_proj, vid_proj" in caplog.text
+    assert (
+        "RANDOM (initialisation kept): text_model, txt_proj, vid_proj; "
+        "pre-training only, initialised: predictor, video_model.mask_token" in caplog.text
+    )
     assert "this is NOT the checkpoint's model" in caplog.text
     key = "video_model.blocks.1.attn.qkv.weight"
     assert torch.equal(model.state_dict()[key], released["state"][key])
@@ -136,7 +170,7 @@ def test_loading_is_strict_and_a_partial_load_says_what_is_random(
 def test_a_pretraining_checkpoint_initialises_a_model_without_mvm(released: dict) -> None:
     """Our checkpoint holds the MVM predictor; a contrastive-only model (mvm.enabled=false) has none, so
     those tensors go unused, said why, and every other tensor still loads strictly."""
-    overrides = [f"model.text_model={released['text']}", "mvm.enabled=false"]
+    overrides = [f"model.text_model={released['text']}", *SHAPE, "mvm.enabled=false"]
     model = MilesModel(build_config("smoke", overrides=overrides))
     assert model.predictor is None
     report = load_whole(model, read_checkpoint_file(released["paths"]["ours"]))
@@ -145,7 +179,7 @@ def test_a_pretraining_checkpoint_initialises_a_model_without_mvm(released: dict
     assert all("this model has none (mvm.enabled=false)" in why for why in report.unexpected.values())
     for key, value in model.state_dict().items():
         assert torch.equal(value, released["state"][key]), key
-    with_mvm = MilesModel(build_config("smoke", overrides=overrides[:1]))  # has a predictor: all of it loads
+    with_mvm = MilesModel(build_config("smoke", overrides=overrides[:-1]))  # has a predictor: all of it loads
     assert not load_whole(with_mvm, read_checkpoint_file(released["paths"]["ours"])).unexpected
 
 
@@ -156,7 +190,9 @@ def test_a_text_tower_of_another_size_names_the_key_and_both_shapes(
     path = released["paths"]["miles"]
     with pytest.raises(CheckpointError) as err:
         MilesModel(
-            build_config("smoke", overrides=[f"model.text_model={wide}", f"model.init_checkpoint={path}"])
+            build_config(
+                "smoke", overrides=[f"model.text_model={wide}", *SHAPE, f"model.init_checkpoint={path}"]
+            )
         )
     assert (
         "text_model.embeddings.word_embeddings.weight: (30522, 32) in the file, (30522, 48) in the model"
@@ -167,11 +203,11 @@ def test_a_text_tower_of_another_size_names_the_key_and_both_shapes(
 def test_init_checkpoint_starts_the_whole_model_from_a_released_file(released: dict) -> None:
     path = released["paths"]["miles"]
     cfg = build_config(
-        "smoke", overrides=[f"model.text_model={released['text']}", f"model.init_checkpoint={path}"]
+        "smoke", overrides=[f"model.text_model={released['text']}", *SHAPE, f"model.init_checkpoint={path}"]
     )
     state = MilesModel(cfg).state_dict()
     for key, value in released["state"].items():
-        if not key.startswith("predictor."):
+        if not key.startswith(("predictor.", "video_model.mask_token")):
             assert torch.equal(state[key], value), key
 
 
@@ -184,7 +220,7 @@ def test_convert_writes_safetensors_in_our_layout_and_round_trips(released: dict
     assert {k for k in tensors if not k.startswith("predictor.")} == towers  # our key layout
     assert any(k.startswith("predictor.") for k in tensors)  # the whole model (the base preset's predictor)
     for key, value in released["state"].items():
-        if not key.startswith("predictor."):
+        if not key.startswith(("predictor.", "video_model.mask_token")):
             assert torch.equal(tensors[key], value), key
     sidecar = json.loads(out.with_suffix(".json").read_text())
     assert sidecar["layout"] == "released MILES" and sidecar["config"]["model"]["num_heads"] == 2
@@ -246,7 +282,9 @@ def test_several_test_clips_average_their_embeddings_and_dsl_gets_its_own_number
     from data_dali.manifest import read_manifest
     from miles.evaluate import EvalSet, embed_clips, embed_videos
 
-    cfg = build_config("smoke", overrides=[f"model.text_model={released['text']}", "eval.num_clips=2"])
+    cfg = build_config(
+        "smoke", overrides=[f"model.text_model={released['text']}", *SHAPE, "eval.num_clips=2"]
+    )
     model = MilesModel(cfg).eval()
     videos = EvalSet.from_entries(read_manifest(released["data"] / "val.csv")).videos
     cpu = torch.device("cpu")
@@ -260,3 +298,121 @@ def test_several_test_clips_average_their_embeddings_and_dsl_gets_its_own_number
     result = _eval(released, "ours", tmp_path, "eval.num_clips=2", "eval.dual_softmax=true")
     assert result["num_clips"] == 2 and result["dsl"]["temperature"] == 100.0
     assert set(result["dsl"]["t2v"]) == {"R1", "R5", "R10", "MedR", "MeanR"}
+
+
+@pytest.mark.parametrize("layout", ["miles", "frozen"])
+def test_a_released_file_reads_as_data_with_its_trainer_entries(released: dict, layout: str) -> None:
+    """The pickled ConfigParser (and the distributed trainer's argparse Namespace) come back as records."""
+    data = ckpt.load(released["paths"][layout])
+    assert list(data) == FACTS["trainer_entries"]
+    assert data["arch"] == ("DataParallel" if layout == "frozen" else "DistributedDataParallel")
+    config = data["config"]
+    assert isinstance(config, ReleasedRunConfig)
+    facts = FACTS["config_parser"]
+    order = (
+        facts["dist_variant"]["attribute_insertion_order_fresh_run"]
+        if layout == "miles"
+        else facts["attribute_insertion_order_fresh_run"]
+    )
+    assert list(config.fields) == order
+    assert isinstance(config.fields["_config"], OrderedDict)
+    assert config.fields["_config"]["arch"]["args"]["video_params"]["num_frames"] == 4
+    assert config.fields["_save_dir"] == PurePosixPath("/data/exps/models/MSRVTT/0315_101502")
+    assert config.fields["log_levels"] == {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}
+    assert isinstance(config.fields.get("args"), ReleasedRunArgs) == (layout == "miles")
+    group = data["optimizer"]["param_groups"][0]
+    assert group["betas"] == (0.9, 0.999) and group["correct_bias"] is True
+    assert len(data["optimizer"]["state"]) == len(data["state_dict"])
+    assert data["state_dict"]["module.video_model.cls_token"].device == torch.device("cpu")  # saved on cuda:0
+    if layout == "miles":
+        assert math.isinf(data["monitor_best"])
+
+
+def _disguised(path: Path, build) -> Path:
+    """A file whose `config` entry is pickled under the allowed name `parse_config.ConfigParser`, but
+    built by `build(cls)` (a __reduce__ of the crafter's choosing)."""
+    cls = _config_parser_class("parse_config")
+
+    class Crafted:
+        def __reduce__(self):
+            return build(cls)
+
+    with _importable("parse_config", cls):
+        torch.save({"state_dict": {"module.w": torch.zeros(1)}, "config": Crafted()}, path)
+    return path
+
+
+class _Touch:
+    """Unpickling this creates `marker` (what a hostile file would do, harmlessly)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_disguised_config_parser_runs_nothing(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    crafted = {
+        # called with arguments, as a REDUCE of the allowed name (the real class would make folders)
+        "called": lambda cls: (cls, (str(marker),)),
+        # an allowed name whose state holds a callable that would run
+        "state": lambda cls: (cls, (), {"_save_dir": _Touch(marker)}),
+        # an allowed name whose state is not an attribute dict
+        "odd_state": lambda cls: (cls, (), ("not", "a dict")),
+    }
+    for name, build in crafted.items():
+        path = _disguised(tmp_path / f"{name}.pth", build)
+        with pytest.raises(CheckpointError) as err:
+            ckpt.load(path)
+        assert not marker.exists(), name
+        message = str(err.value)
+        assert str(path) in message, name
+        if name == "state":
+            assert "pathlib.Path" in message and "builtins.getattr" in message  # names what it asked for
+        elif name == "called":
+            assert "not called" in message
+        else:
+            assert "not an attribute dict" in message
+    assert "parse_config" not in sys.modules  # the crafting left no importable module behind
+
+
+def test_a_released_mcq_file_is_named_and_refused(released: dict, tmp_path: Path, capsys) -> None:
+    """MCQ's video tower is its VideoFormer (+ BridgeFormer), not the SpaceTimeTransformer: say so."""
+    with pytest.raises(CheckpointError, match="is a released MCQ file"):
+        read_checkpoint_file(released["paths"]["mcq"])
+    args = ["eval", "--checkpoint", str(released["paths"]["mcq"])]
+    args += ["--data", str(released["data"] / "val.csv"), "--text-model", str(released["text"])]
+    args += RELEASED_OVERRIDES
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "released MCQ file: its video tower is MCQ's VideoFormer" in err
+
+
+def test_released_miles_at_full_size_loads_whole_with_one_line_for_pretraining_parts(
+    tmp_path: Path, minilm_dir: Path, caplog
+) -> None:
+    """MILES.pth at the release's real shapes (ViT-B/16, 224 px, 4 frames, DistilBERT-base, 256-d): every
+    tensor loads into the `base` model; the mask token and the predictor are reported, in one line."""
+    path = tmp_path / "MILES.pth"
+    release_state = write_release_file(path, "miles", scaled=False)
+    text = tmp_path / "distilbert-base-uncased"
+    settings = dict(FACTS["distilbert_config"])
+    del settings["position_ids_buffer_in_state_dict"]
+    DistilBertConfig(**settings).save_pretrained(text)
+    for name in TOKENIZER_FILES:
+        if (minilm_dir / name).is_file():
+            shutil.copy(minilm_dir / name, text / name)
+    cfg = build_config("base", overrides=[f"model.text_model={text}", f"model.init_checkpoint={path}"])
+    with caplog.at_level(logging.INFO, logger="miles"):
+        model = MilesModel(cfg)
+    lines = [r.getMessage() for r in caplog.records if "weights from" in r.getMessage()]
+    assert len(lines) == 1
+    assert lines[0].endswith(
+        "327 tensors loaded; no part left random; pre-training only, initialised: predictor, "
+        "video_model.mask_token"
+    )
+    state = model.state_dict()
+    for key, value in by_hand(release_state).items():
+        assert torch.equal(state[key], value), key
