@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pickle
 import shutil
 import sys
 from collections import OrderedDict
@@ -416,3 +417,92 @@ def test_released_miles_at_full_size_loads_whole_with_one_line_for_pretraining_p
     state = model.state_dict()
     for key, value in by_hand(release_state).items():
         assert torch.equal(state[key], value), key
+
+
+def test_video_weights_take_the_video_tower_of_a_released_file(released: dict) -> None:
+    """`model.video_weights` reads the same file through the same loader (config record and all)."""
+    path = released["paths"]["miles"]
+    overrides = [f"model.text_model={released['text']}", *SHAPE, f"model.video_weights={path}"]
+    state = MilesModel(build_config("smoke", overrides=overrides)).state_dict()
+    for key, value in released["state"].items():
+        if key.startswith("video_model.") and key != "video_model.mask_token":
+            assert torch.equal(state[key], value), key
+
+
+def _msrvtt_download(root: Path, clips: Path) -> Path:
+    """MSR-VTT as its download unpacks (`annotation/MSR_VTT.json` with each video's captions interleaved,
+    the JSFusion split lists and 1k-A caption choice under `high-quality/structured-symlinks/`, the videos
+    in `videos/all/`), with 12 demo clips as videos 0-11: 8 train, 4 in the 1k-A test."""
+    from data_dali.manifest import read_manifest
+
+    entries = read_manifest(clips / "train.csv")[:12]
+    annotations = [
+        {"image_id": f"video{v}", "caption": caption, "id": 2 * v + c}
+        for c, variant in enumerate(("{}", "there is {}"))
+        for v, entry in enumerate(entries)
+        for caption in [variant.format(entry.caption)]
+    ]
+    (root / "annotation").mkdir(parents=True)
+    (root / "annotation" / "MSR_VTT.json").write_text(json.dumps({"annotations": annotations, "images": []}))
+    lists = root / "high-quality" / "structured-symlinks"
+    lists.mkdir(parents=True)
+    (lists / "train_list_jsfusion.txt").write_text("".join(f"video{v}\n" for v in range(8)))
+    (lists / "val_list_jsfusion.txt").write_text("".join(f"video{v}\n" for v in range(8, 12)))
+    choice = {f"video{v}": v % 2 for v in range(8, 12)}
+    (lists / "jsfusion_val_caption_idx.pkl").write_bytes(pickle.dumps(choice, protocol=2))
+    (root / "videos" / "all").mkdir(parents=True)
+    for v, entry in enumerate(entries):
+        shutil.copy(entry.video, root / "videos" / "all" / f"video{v}{Path(entry.video).suffix}")
+    return root
+
+
+@pytest.mark.slow
+def test_the_first_hour_msrvtt_eval_and_finetune_from_miles_pth(released: dict, tmp_path: Path) -> None:
+    """The README's first hour on the MILES.pth fixture: `miles data msrvtt`, `miles eval ...
+    eval.protocol=released` (the same numbers as the same weights loaded by hand), and `miles finetune
+    --init MILES.pth`, stopped by a signal and resumed to the uninterrupted run's losses."""
+    from miles.finetune import finetune_config, run_finetuning
+    from miles.stop import StopRequested
+
+    download = _msrvtt_download(tmp_path / "MSRVTT", released["data"])
+    manifests = tmp_path / "msrvtt"
+    assert main(["data", "msrvtt", str(download), str(manifests)]) == 0
+    test_csv, train_csv = manifests / "test.csv", manifests / "train.csv"
+    assert len(test_csv.read_text().splitlines()) == 1 + 4  # 1k-A test: one caption per video
+    assert len(train_csv.read_text().splitlines()) == 1 + 16  # train: every caption
+
+    heads = ["model.num_heads=2"]  # the fixture's reduced width; ViT-B/16's 12 is the default
+    outs = {name: tmp_path / f"{name}.json" for name in ("released", "by_hand")}
+    common = ["--data", str(test_csv), "eval.protocol=released", *heads]
+    miles_pth = released["paths"]["miles"]
+    args = ["eval", "--checkpoint", str(miles_pth), "--text-model", str(released["text"]), *common]
+    assert main([*args, "--out", str(outs["released"])]) == 0
+    by_hand_args = ["eval", "--checkpoint", str(released["paths"]["ours"]), *common]
+    assert main([*by_hand_args, "--out", str(outs["by_hand"])]) == 0
+    got, want = (json.loads(p.read_text()) for p in outs.values())
+    assert got["protocol"]["name"] == "released" and got["num_videos"] == 4
+    assert got["t2v"] == want["t2v"] and got["v2t"] == want["v2t"]
+
+    data = {"train": train_csv, "val": test_csv, "text_model": str(released["text"])}
+    overrides = [*heads, "data.num_frames=4", "train.max_steps=4", "train.eval_every=2",
+                 "train.checkpoint_every=2", "eval.before_training=false", "train.threads=1"]
+    threads = torch.get_num_threads()
+
+    def config(*extra: str):
+        return finetune_config(miles_pth, "finetune_smoke", None, [*overrides, *extra], **data)
+
+    whole, cut = tmp_path / "finetune_whole", tmp_path / "finetune_cut"
+    try:
+        run_finetuning(config(), whole)
+        with pytest.raises(StopRequested, match="stopped by SIGTERM after step 2 of 4"):
+            run_finetuning(config("train.crash_at_step=2", "train.crash_signal=TERM"), cut)
+        run_finetuning(config(), cut, resume=True)
+    finally:
+        torch.set_num_threads(threads)
+
+    def losses(run: Path) -> list[tuple[int, float]]:
+        lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"]) for r in lines if "loss" in r]
+
+    assert [s for s, _ in losses(whole)] == [1, 2, 3, 4]
+    assert losses(cut) == losses(whole)
