@@ -61,6 +61,7 @@ class ModelConfig:
     num_frames: int = 4
     drop_path: float = 0.0
     time_init: str = "zeros"  # "zeros": temporal attention starts as a no-op (the released default)
+    temporal_attention: bool = True  # false: MCQ's VideoFormer (spatial attention only, no temporal_embed)
     attention: str = "auto"  # auto (xformers on CUDA where it loads, else sdpa) | xformers | sdpa | reference
     text_model: str = (
         "distilbert-base-uncased"  # a local HF folder, "minilm" (shipped demo model) or an arch name

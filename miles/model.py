@@ -54,6 +54,7 @@ class MilesModel(nn.Module):
             drop_path_rate=m.drop_path,
             time_init=m.time_init,
             attention=m.attention,
+            temporal_attention=m.temporal_attention,
         )
         if m.video_weights:
             load_video_weights(self.video_model, m.video_weights)

@@ -7,7 +7,8 @@ Frozen-in-Time / MCQ, and `vid_proj.0.*`. Our modules carry the released names, 
 `MilesModel` is prefix stripping plus one rename, and every tensor is accounted for: loaded, or listed
 as missing or unexpected with its reason. A released file holds no config of ours (its trainer's pickled
 run config is read as data and not used); the video encoder's shape is read off its tensors. MCQ's file
-holds another video tower (VideoFormer and BridgeFormer, no temporal attention): it is named and refused.
+holds its VideoFormer (our blocks without temporal attention: `model.temporal_attention=false`, final
+norm `norm1`) and its BridgeFormer, which only MCQ's pre-training uses: listed as unused, with that reason.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,8 +33,10 @@ TOWERS = ("video_model.", "text_model.", "txt_proj.", "vid_proj.")
 # Used only by MVM pre-training (the `bert`-mode mask token, the predictor): no released file has them, and
 # evaluation and fine-tuning never use them, so they start from their initialisation.
 PRETRAINING_ONLY = ("predictor.", "video_model.mask_token")
-# Keys only MCQ's video tower has (its BridgeFormer inside every block, and the bridge projection).
-MCQ_MARKERS = ("bridge_proj.", "video_model.norm2.")
+# MCQ's BridgeFormer (inside every block, its final norm and projection): only MCQ's pre-training uses it.
+MCQ_BRIDGE = re.compile(
+    r"^(bridge_proj\.|video_model\.norm2\.|video_model\.blocks\.\d+\.(crossattn|bridgeattn|bridge_mlp|norm[4-7])\.)"
+)
 # Tensors some files hold that this model does not use, and why that loses nothing.
 HARMLESS_EXTRAS = {
     "text_model.pooler.": "the text pooler, unused (the CLS token is taken directly)",
@@ -69,18 +73,10 @@ def _released_keys(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
         if name.startswith("text_proj."):
             name, milesnames = "txt_proj." + name[len("text_proj.") :], True
         out[name] = value
-    if any(k.startswith(MCQ_MARKERS) for k in out):
+    if any(MCQ_BRIDGE.match(k) for k in out):  # MCQ's VideoFormer calls its final norm `norm1`
+        out = {re.sub(r"^video_model\.norm1\.", "video_model.norm.", k): v for k, v in out.items()}
         return out, "released MCQ"
     return out, "released MILES" if milesnames else "released Frozen-in-Time"
-
-
-def _refuse_other_video_towers(file: CheckpointFile) -> None:
-    if file.layout.startswith("released MCQ"):
-        raise CheckpointError(
-            f"checkpoint {file.path} is a released MCQ file: its video tower is MCQ's VideoFormer (no "
-            "temporal attention or temporal embedding, a BridgeFormer in every block), not the "
-            "Frozen-in-Time SpaceTimeTransformer this model uses; load MILES.pth or a Frozen-in-Time file"
-        )
 
 
 def _tensors(state: Any, path: Path, entry: str) -> dict[str, torch.Tensor]:
@@ -118,9 +114,7 @@ def read_checkpoint_file(path: str | Path) -> CheckpointFile:
         return CheckpointFile(path, _tensors(data["model"], path, "model"), data["config"], "miles")
     if "state_dict" in data:
         state, layout = _released_keys(_tensors(data["state_dict"], path, "state_dict"))
-        file = CheckpointFile(path, state, None, layout)
-        _refuse_other_video_towers(file)
-        return file
+        return CheckpointFile(path, state, None, layout)
     if data and all(isinstance(v, torch.Tensor) for v in data.values()):
         state, layout = _released_keys(data)
         return CheckpointFile(path, state, None, layout + " (bare state dict)")
@@ -137,7 +131,6 @@ def infer_model_overrides(state: dict[str, torch.Tensor]) -> list[str]:
     try:
         proj = state["video_model.patch_embed.proj.weight"]  # [D, 3, p, p]
         pos = state["video_model.pos_embed"]  # [1, N + 1, D]
-        temporal = state["video_model.temporal_embed"]  # [1, T, D]
         fc1 = state["video_model.blocks.0.mlp.fc1.weight"]  # [hidden, D]
     except KeyError as err:
         raise CheckpointError(f"no video tower to read the model's shape from (missing {err})") from None
@@ -149,10 +142,14 @@ def infer_model_overrides(state: dict[str, torch.Tensor]) -> list[str]:
         f"model.patch_size={patch}",
         f"model.img_size={side * patch}",
         f"data.size={side * patch}",
-        f"model.num_frames={int(temporal.shape[1])}",
         f"model.depth={depth}",
         f"model.mlp_ratio={fc1.shape[0] / dim}",
     ]
+    temporal = state.get("video_model.temporal_embed")  # [1, T, D]; MCQ's VideoFormer has none
+    if temporal is not None:
+        out.insert(4, f"model.num_frames={int(temporal.shape[1])}")
+    else:
+        out.append("model.temporal_attention=false")
     if "vid_proj.0.weight" in state:
         out.append(f"model.projection_dim={int(state['vid_proj.0.weight'].shape[0])}")
     return out
@@ -174,6 +171,8 @@ def _why_unexpected(key: str, model_has_predictor: bool) -> str | None:
     for prefix, why in HARMLESS_EXTRAS.items():
         if key.startswith(prefix):
             return why
+    if MCQ_BRIDGE.match(key):
+        return "MCQ's BridgeFormer, which only MCQ's pre-training uses (its evaluation ignores it too)"
     if key.startswith(PRETRAINING_ONLY) and not model_has_predictor:
         return "the MVM predictor of a pre-training run: this model has none (mvm.enabled=false)"
     return None

@@ -3,6 +3,8 @@
 Parameter names follow the released model (`patch_embed.proj`, `cls_token`, `pos_embed` with the CLS slot
 first, `temporal_embed`, `blocks.i.{norm1,attn,timeattn,norm3,norm2,mlp}`, `norm`) so that released
 checkpoints load with a small key map, and a timm ViT's weights load into the spatial part directly.
+`temporal_attention=False` is MCQ's VideoFormer: the same blocks without temporal attention (no
+`timeattn`, `norm3` or `temporal_embed`), so that released MCQ checkpoints load too.
 """
 
 from __future__ import annotations
@@ -33,20 +35,23 @@ class SpaceTimeBlock(nn.Module):
         drop_path: float = 0.0,
         time_init: str = "zeros",
         attention: str = "auto",
+        temporal: bool = True,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = DividedAttention(dim, num_heads, backend=attention)
-        self.timeattn = DividedAttention(dim, num_heads, backend=attention)
-        if time_init == "zeros":
+        self.timeattn = DividedAttention(dim, num_heads, backend=attention) if temporal else None
+        if temporal and time_init == "zeros":
             self.timeattn.zero_init()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
-        self.norm3 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm3 = nn.LayerNorm(dim, eps=1e-6) if temporal else None
 
     def forward(self, x: torch.Tensor, frames: int, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
-        time_residual = x + self.timeattn(self.norm3(x), frames, "time", frame_mask)
+        time_residual = x
+        if self.timeattn is not None:
+            time_residual = x + self.timeattn(self.norm3(x), frames, "time", frame_mask)
         space_residual = x + self.drop_path(self.attn(self.norm1(time_residual), frames, "space", frame_mask))
         return space_residual + self.drop_path(self.mlp(self.norm2(space_residual)))
 
@@ -74,6 +79,7 @@ class SpaceTimeTransformer(nn.Module):
         drop_path_rate: float = 0.0,
         time_init: str = "zeros",
         attention: str = "auto",
+        temporal_attention: bool = True,
     ) -> None:
         super().__init__()
         self.embed_dim = embed_dim
@@ -85,19 +91,26 @@ class SpaceTimeTransformer(nn.Module):
         self.patches_per_frame = self.grid_size[0] * self.grid_size[1]
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patches_per_frame + 1, embed_dim))
-        self.temporal_embed = nn.Parameter(torch.zeros(1, num_frames, embed_dim))
+        if temporal_attention:
+            self.temporal_embed = nn.Parameter(torch.zeros(1, num_frames, embed_dim))
+        else:  # MCQ's VideoFormer: frames told apart by nothing but their content; not a weight
+            self.register_buffer("temporal_embed", torch.zeros(1, num_frames, embed_dim), persistent=False)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))  # MVM `bert` mode
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList(
-            SpaceTimeBlock(embed_dim, num_heads, mlp_ratio, dpr[i], time_init="random", attention=attention)
+            SpaceTimeBlock(
+                embed_dim, num_heads, mlp_ratio, dpr[i], "random", attention, temporal=temporal_attention
+            )
             for i in range(depth)
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.grad_checkpointing = False  # model.grad_checkpointing: per-block activation checkpointing
-        for tensor in (self.pos_embed, self.temporal_embed, self.cls_token, self.mask_token):
+        for tensor in (self.pos_embed, self.cls_token, self.mask_token):
             trunc_normal_(tensor, std=0.02)
+        if temporal_attention:
+            trunc_normal_(self.temporal_embed, std=0.02)
         self.apply(_init_weights)
-        if time_init == "zeros":  # after the generic init, which would overwrite it
+        if temporal_attention and time_init == "zeros":  # after the generic init, which would overwrite it
             for blk in self.blocks:
                 blk.timeattn.zero_init()
 

@@ -379,16 +379,37 @@ def test_a_disguised_config_parser_runs_nothing(tmp_path: Path) -> None:
     assert "parse_config" not in sys.modules  # the crafting left no importable module behind
 
 
-def test_a_released_mcq_file_is_named_and_refused(released: dict, tmp_path: Path, capsys) -> None:
-    """MCQ's video tower is its VideoFormer (+ BridgeFormer), not the SpaceTimeTransformer: say so."""
-    with pytest.raises(CheckpointError, match="is a released MCQ file"):
-        read_checkpoint_file(released["paths"]["mcq"])
-    args = ["eval", "--checkpoint", str(released["paths"]["mcq"])]
-    args += ["--data", str(released["data"] / "val.csv"), "--text-model", str(released["text"])]
-    args += RELEASED_OVERRIDES
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert "released MCQ file: its video tower is MCQ's VideoFormer" in err
+def test_a_released_mcq_file_evaluates_like_the_same_weights_in_ours(released: dict, tmp_path: Path) -> None:
+    """MCQ.pth: its VideoFormer is our encoder without temporal attention (read off the missing
+    temporal_embed), its final norm is `norm1`, and its BridgeFormer goes unused, with the reason."""
+    file = read_checkpoint_file(released["paths"]["mcq"])
+    assert file.layout == "released MCQ"
+    assert "model.temporal_attention=false" in infer_model_overrides(file.state)
+    release_state = ckpt.load(released["paths"]["mcq"])["state_dict"]
+    shape = [*(o for o in SHAPE if o != "model.num_frames=4"), "model.temporal_attention=false"]
+    cfg = build_config("smoke", overrides=[f"model.text_model={released['text']}", *shape])
+    model = MilesModel(cfg)
+    bridge = ("crossattn", "bridgeattn", "bridge_mlp", "norm4", "norm5", "norm6", "norm7")
+    hand = {
+        k.replace("video_model.norm1.", "video_model.norm.") if k.startswith("video_model.norm1.") else k: v
+        for k, v in by_hand(release_state).items()
+        if not k.startswith(("bridge_proj.", "video_model.norm2."))
+        and not any(f".{part}." in k for part in bridge)
+    }
+    result = model.load_state_dict(hand, strict=False)
+    assert not result.unexpected_keys
+    assert not any(k.startswith("video_model.blocks") for k in result.missing_keys)
+    ours = tmp_path / "ours_mcq.pt"
+    torch.save({"config": cfg.to_dict(), "model": model.state_dict(), "step": 0}, ours)
+    released["paths"]["ours_mcq"] = ours
+    theirs = _eval(released, "mcq", tmp_path, "--text-model", str(released["text"]), *RELEASED_OVERRIDES)
+    mine = _eval(released, "ours_mcq", tmp_path)
+    assert theirs["t2v"] == mine["t2v"] and theirs["v2t"] == mine["v2t"]
+    assert theirs["checkpoint_layout"] == "released MCQ"
+    unused = load_whole(MilesModel(cfg), file).unexpected
+    per_block = [k for k in FACTS["layouts"]["mcq"]["per_video_block"] if any(f".{p}." in k for p in bridge)]
+    assert len(unused) == 4 + SCALED["video_blocks"] * len(per_block)  # + bridge_proj and norm2
+    assert all("MCQ's BridgeFormer" in why for why in unused.values())
 
 
 def test_released_miles_at_full_size_loads_whole_with_one_line_for_pretraining_parts(

@@ -123,3 +123,30 @@ def test_bert_mask_replaces_hidden_patches_by_mask_token() -> None:
     assert torch.equal(changed, mask[:, None, :].expand(2, 2, 16))  # same positions in every frame
     expected = model.mask_token[0, 0] + model.pos_embed[0, 2] + model.temporal_embed[0, 1]
     assert torch.allclose(tokens[0, 1 + 16 + 1], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "reference"])
+def test_without_temporal_attention_it_is_mcqs_videoformer(backend: str) -> None:
+    """`temporal_attention=False` computes MCQ's VideoFormer, written here from its definition: the spatial
+    position embedding tiled over frames (no temporal one), pre-norm blocks of CLS-to-all / patch-to-its-frame
+    attention then MLP, the final norm's CLS; and it has no temporal weights at all."""
+    torch.manual_seed(3)
+    model = SpaceTimeTransformer(num_frames=4, temporal_attention=False, **KW).eval()
+    set_attention_backend(model, backend)
+    names = list(model.state_dict())
+    assert not [k for k in names if "timeattn" in k or "norm3" in k or k == "temporal_embed"]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    video = torch.randn(2, 3, 3, 32, 32)
+    b, f = video.shape[:2]
+    with torch.no_grad():
+        patches = model.patch_embed(video.flatten(0, 1)).reshape(b, -1, 64)  # frame-major tokens
+        pos = torch.cat([model.pos_embed[:, :1], model.pos_embed[:, 1:].repeat(1, f, 1)], dim=1)
+        x = torch.cat([model.cls_token.expand(b, -1, -1), patches], dim=1) + pos
+        for blk in model.blocks:
+            x = x + _dense_divided_attention(blk.attn, blk.norm1(x), f, "space")
+            x = x + blk.mlp(blk.norm2(x))
+        expected = model.norm(x)[:, 0]
+        got = model(video)
+    assert (got - expected).abs().max().item() < 1e-5
