@@ -33,11 +33,12 @@ from miles.released import infer_model_overrides, load_whole, read_checkpoint_fi
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def _distilbert_folder(root: Path, minilm_dir: Path, dim: int, layers: int = 2) -> Path:
+def _distilbert_folder(root: Path, minilm_dir: Path, dim: int, layers: int = 2, **settings) -> Path:
     """A config-only DistilBERT folder with the uncased BERT vocabulary distilbert-base-uncased uses."""
     folder = root / f"distilbert-{dim}"
     folder.mkdir()
-    DistilBertConfig(dim=dim, n_layers=layers, n_heads=2, hidden_dim=4 * dim).save_pretrained(folder)
+    settings = {"n_heads": 2, "hidden_dim": 4 * dim, **settings}
+    DistilBertConfig(dim=dim, n_layers=layers, **settings).save_pretrained(folder)
     for name in TOKENIZER_FILES:
         if (minilm_dir / name).is_file():
             shutil.copy(minilm_dir / name, folder / name)
@@ -419,13 +420,10 @@ def test_released_miles_at_full_size_loads_whole_with_one_line_for_pretraining_p
     tensor loads into the `base` model; the mask token and the predictor are reported, in one line."""
     path = tmp_path / "MILES.pth"
     release_state = write_release_file(path, "miles", scaled=False)
-    text = tmp_path / "distilbert-base-uncased"
-    settings = dict(FACTS["distilbert_config"])
+    settings = dict(FACTS["distilbert_config"])  # distilbert-base-uncased as the release used it
     del settings["position_ids_buffer_in_state_dict"]
-    DistilBertConfig(**settings).save_pretrained(text)
-    for name in TOKENIZER_FILES:
-        if (minilm_dir / name).is_file():
-            shutil.copy(minilm_dir / name, text / name)
+    dim, layers = settings.pop("dim"), settings.pop("n_layers")
+    text = _distilbert_folder(tmp_path, minilm_dir, dim, layers, **settings)
     cfg = build_config("base", overrides=[f"model.text_model={text}", f"model.init_checkpoint={path}"])
     with caplog.at_level(logging.INFO, logger="miles"):
         model = MilesModel(cfg)
