@@ -6,6 +6,8 @@ again around each test, since triton reads it once more at the first launch.
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -83,7 +85,8 @@ def test_matches_reference(
     shape: tuple[int, int, int, int, int], dtype: torch.dtype, kind: str, normalize: bool
 ) -> None:
     b, f, n, c, m = shape
-    gen = torch.Generator().manual_seed(hash((shape, kind, normalize)) % 2**31)
+    # crc32, not hash(): Python salts string hashes per process, so a failing input would not reproduce
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, kind, normalize)).encode()))
     pred, target = _grids(b, f, n, c, dtype, gen)
     hidden = _hidden(b, n, m, gen)
     grad = _check_against_reference(pred, target, hidden, kind, normalize, TOL[dtype])

@@ -6,6 +6,8 @@ again around each test, since triton reads it once more at the first launch.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from kernel_checks import import_interpreted, rel_err
@@ -205,3 +207,10 @@ def test_shape_errors() -> None:
         ops.restore_tokens(y, visible, mask_token, pos, time[:1], impl="triton")
     with pytest.raises(ValueError, match="mask_token"):
         ops.restore_tokens(y, visible, mask_token[:-1], pos, time, impl="triton")
+
+
+def test_a_triton_that_does_not_import_fails_the_kernel_tests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not a module-level skip: a broken triton must show as failures, not as one quiet skip line."""
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
+    with pytest.raises(ImportError, match="triton does not import.*the kernel tests need it"):
+        import_interpreted("miles_kernels.tokens_triton")
