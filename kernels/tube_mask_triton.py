@@ -46,8 +46,8 @@ _GOLDEN = 0x9E3779B9
 _ADD = tl.standard._sum_combine
 _MAX = tl.standard._elementwise_max
 
-BLOCK_N = 256  # positions per program in the key kernel ([32, BLOCK_N] coverage tile)
-BLOCK_I = 64  # rows of the rank comparison tile
+BLOCK_N = 64  # positions per program in the key kernel: a [32, 64] int32 coverage tile fits in registers
+BLOCK_I = 32  # rows of the rank comparison tile ([32, 128] int64 keys: no spills, 7 programs a sample at N=196)
 BLOCK_J = 128  # columns of the rank comparison tile
 BLOCK_V = 1024  # chunk of the visible-index scan
 
@@ -144,13 +144,18 @@ def _rectangle_priority(hs, pos, gh, gw, lo_area, area_span, R: tl.constexpr):
     top = _uniform_int(h_top, gh)
     left = _uniform_int(h_left, gw)
 
-    row = pos // gw
-    col = pos % gw
-    dr = (row[None, :] - top[:, None] + gh) % gh  # non-negative operands: C and Python modulo agree
-    dc = (col[None, :] - left[:, None] + gw) % gw
-    covered = (dr < rect_h[:, None]) & (dc < rect_w[:, None])  # [R, BLOCK]
-    priority = tl.where(covered, R - r[:, None], 0)
-    return tl.reduce(priority, 0, _MAX)
+    # The [R, BLOCK] coverage tile in int32 (every value here is below 2**16) and without a division: the
+    # distance on the torus is a difference wrapped once, since rows, columns, tops and lefts are in range.
+    pos32 = pos.to(tl.int32)
+    row = pos32 // gw
+    col = pos32 - row * gw
+    dr = row[None, :] - top.to(tl.int32)[:, None]
+    dr = tl.where(dr < 0, dr + gh, dr)
+    dc = col[None, :] - left.to(tl.int32)[:, None]
+    dc = tl.where(dc < 0, dc + gw, dc)
+    covered = (dr < rect_h.to(tl.int32)[:, None]) & (dc < rect_w.to(tl.int32)[:, None])  # [R, BLOCK]
+    priority = tl.where(covered, R - r.to(tl.int32)[:, None], 0)
+    return tl.reduce(priority, 0, _MAX).to(tl.int64)
 
 
 @triton.jit
