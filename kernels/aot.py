@@ -57,6 +57,8 @@ class Build:
     case: str  # the wrapper call it came from
     kernel: str
     arch: str
+    dtypes: str  # of the tensor arguments, in order
+    row_bytes: int  # one row (last dimension) of the first tensor argument
     grid: tuple[int, ...]
     num_warps: int
     constexprs: dict[str, Any]
@@ -69,6 +71,8 @@ class Build:
     global_stores_128: int
     global_loads: int
     global_stores: int
+    widest_load_bits: int  # the widest global load / store in the PTX (128 = 16-byte vectors)
+    widest_store_bits: int
     bytes_moved: int  # what the launch must read and write at the least (from its tensor arguments)
 
 
@@ -101,8 +105,12 @@ def compile_launch(launch: Launch, arch: str) -> Any:
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     kwargs = dict(launch.kwargs)
     bound_args, specialization, options = binder(*launch.args, **kwargs)
-    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
-    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    options, signature, constexprs, attrs = fn._pack_args(
+        backend, kwargs, bound_args, specialization, options
+    )
+    return triton.compile(
+        ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__
+    )
 
 
 def _ptxas_report(ptx: str, arch: str) -> dict[str, int]:
@@ -131,13 +139,23 @@ def _ptxas_report(ptx: str, arch: str) -> dict[str, int]:
     }
 
 
+def _access_bits(instruction: str) -> int:
+    """Bits moved by one PTX global access such as `ld.global.v4.b32` or `st.global.b16`."""
+    lanes = re.search(r"\.v(\d)\.", instruction)
+    width = re.search(r"\.[bfus](8|16|32|64)$", instruction)
+    return (int(lanes.group(1)) if lanes else 1) * (int(width.group(1)) if width else 0)
+
+
 def _vector_counts(ptx: str) -> dict[str, int]:
-    wide = r"\.(?:v4\.(?:b32|f32|u32|s32)|v2\.(?:b64|f64|u64|s64))"
+    loads = [_access_bits(i) for i in re.findall(r"ld\.global[\w.]*", ptx)]
+    stores = [_access_bits(i) for i in re.findall(r"st\.global[\w.]*", ptx)]
     return {
-        "global_loads_128": len(re.findall(r"ld\.global[\w.]*" + wide, ptx)),
-        "global_stores_128": len(re.findall(r"st\.global[\w.]*" + wide, ptx)),
-        "global_loads": len(re.findall(r"ld\.global", ptx)),
-        "global_stores": len(re.findall(r"st\.global", ptx)),
+        "global_loads_128": sum(b == 128 for b in loads),
+        "global_stores_128": sum(b == 128 for b in stores),
+        "global_loads": len(loads),
+        "global_stores": len(stores),
+        "widest_load_bits": max(loads, default=0),
+        "widest_store_bits": max(stores, default=0),
     }
 
 
@@ -145,17 +163,32 @@ def _bytes_moved(launch: Launch) -> int:
     return sum(a.numel() * a.element_size() for a in launch.args if isinstance(a, torch.Tensor))
 
 
+def _constexprs(launch: Launch) -> dict[str, Any]:
+    """The launch's compile-time constants, by name (keyword or positional)."""
+    out = {}
+    for i, param in enumerate(launch.kernel.params):
+        if param.is_constexpr:
+            out[param.name] = launch.kwargs[param.name] if param.name in launch.kwargs else launch.args[i]
+    return out
+
+
+def _tensors(launch: Launch) -> list[torch.Tensor]:
+    return [a for a in launch.args if isinstance(a, torch.Tensor)]
+
+
 def build(case: str, launch: Launch, arch: str) -> Build:
     compiled = compile_launch(launch, arch)
     ptx = compiled.asm["ptx"]
-    constexprs = {k: v for k, v in launch.kwargs.items() if k.isupper()}
+    first = _tensors(launch)[0]
     return Build(
         case=case,
         kernel=launch.kernel.__name__,
         arch=arch,
+        dtypes=",".join(str(t.dtype).removeprefix("torch.") for t in _tensors(launch)),
+        row_bytes=first.shape[-1] * first.element_size() if first.dim() else first.element_size(),
         grid=launch.grid,
         num_warps=int(launch.kwargs.get("num_warps", 4)),
-        constexprs=constexprs,
+        constexprs=_constexprs(launch),
         **_ptxas_report(ptx, arch),
         **_vector_counts(ptx),
         bytes_moved=_bytes_moved(launch),
@@ -184,13 +217,21 @@ def training_cases() -> dict[str, Callable[[], None]]:
 
             def drop(b: int = b, dtype: torch.dtype = dtype, visible: torch.Tensor = visible) -> None:
                 x = torch.zeros(b, FRAMES, n, 768, dtype=dtype, requires_grad=True)
-                pos, time = torch.zeros(n, 768, requires_grad=True), torch.zeros(FRAMES, 768, requires_grad=True)
-                drop_tokens_triton(x, visible, pos, time).backward(torch.zeros(b, FRAMES, k, 768, dtype=dtype))
+                pos, time = (
+                    torch.zeros(n, 768, requires_grad=True),
+                    torch.zeros(FRAMES, 768, requires_grad=True),
+                )
+                drop_tokens_triton(x, visible, pos, time).backward(
+                    torch.zeros(b, FRAMES, k, 768, dtype=dtype)
+                )
 
             def restore(b: int = b, dtype: torch.dtype = dtype, visible: torch.Tensor = visible) -> None:
                 y = torch.zeros(b, FRAMES, k, 384, dtype=dtype, requires_grad=True)
                 token = torch.zeros(384, requires_grad=True)
-                pos, time = torch.zeros(n, 384, requires_grad=True), torch.zeros(FRAMES, 384, requires_grad=True)
+                pos, time = (
+                    torch.zeros(n, 384, requires_grad=True),
+                    torch.zeros(FRAMES, 384, requires_grad=True),
+                )
                 out = restore_tokens_triton(y, visible, token, pos, time)
                 out.backward(torch.zeros(b, FRAMES, n, 384, dtype=dtype))
 
@@ -224,32 +265,55 @@ def unique_launches(captured: list[tuple[str, Launch]]) -> list[tuple[str, Launc
     seen, out = set(), []
     for case, launch in captured:
         dtypes = tuple(str(a.dtype) if isinstance(a, torch.Tensor) else type(a).__name__ for a in launch.args)
-        key = (launch.kernel.__name__, tuple(sorted(launch.kwargs.items())), dtypes)
+        constexprs = tuple(sorted(_constexprs(launch).items()))
+        key = (launch.kernel.__name__, constexprs, launch.kwargs.get("num_warps"), dtypes)
         if key not in seen:
             seen.add(key)
             out.append((case, launch))
     return out
 
 
+def record(builds: list[Build]) -> dict[str, dict[str, int]]:
+    """What a change to a kernel should show in a diff: registers, shared memory and spills per build."""
+    out = {}
+    for b in builds:
+        key = f"{b.kernel} {b.arch} warps={b.num_warps} {json.dumps(b.constexprs, sort_keys=True)} {b.dtypes}"
+        out[key] = {
+            "registers": b.registers,
+            "shared_bytes": b.shared_bytes,
+            "spill_stores": b.spill_stores,
+            "spill_loads": b.spill_loads,
+        }
+    return dict(sorted(out.items()))
+
+
+def all_builds(archs: list[str] | None = None) -> list[Build]:
+    """Every distinct kernel of the training cases, compiled for each target."""
+    launches = unique_launches(capture(training_cases()))
+    return [build(case, launch, arch) for case, launch in launches for arch in (archs or sorted(TARGETS))]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m miles_kernels.aot", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", action="append", choices=sorted(TARGETS))
     parser.add_argument("--json", type=Path, help="write every build as JSON here")
+    parser.add_argument(
+        "--record", type=Path, help="write the registers / spills record (kernel_resources.json)"
+    )
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "").strip() not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: the kernels must be imported compiled")
-    builds = [
-        build(case, launch, arch)
-        for case, launch in unique_launches(capture(training_cases()))
-        for arch in (args.arch or sorted(TARGETS))
-    ]
+    builds = all_builds(args.arch)
     if args.json:
         args.json.write_text(json.dumps([asdict(b) for b in builds], indent=1))
+    if args.record:
+        args.record.write_text(json.dumps(record(builds), indent=1) + "\n")
     for b in builds:
+        shape = json.dumps(b.constexprs)
         print(
-            f"{b.kernel:24s} {b.arch} warps={b.num_warps} {json.dumps(b.constexprs):44s} regs={b.registers:3d} "
-            f"spill={b.spill_stores}/{b.spill_loads} ld128={b.global_loads_128}/{b.global_loads} "
-            f"st128={b.global_stores_128}/{b.global_stores}  ({b.case})"
+            f"{b.kernel:24s} {b.arch} warps={b.num_warps} {shape:44s} regs={b.registers:3d} "
+            f"spill={b.spill_stores}/{b.spill_loads} widest ld/st={b.widest_load_bits}/{b.widest_store_bits} "
+            f"({b.case})"
         )
     return 0
 

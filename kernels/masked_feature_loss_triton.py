@@ -16,8 +16,11 @@ gradient grid itself is materialised:
   store count * dloss/dpred * grad_output / (B*F*M*C); every other row stores 0. Recomputing costs one
   more read of the selected rows, less than writing the gradient in the forward and rescaling it.
 
-BLOCK_C = next_power_of_2(C) with the columns past C masked, so a whole row sits in one program and the
-row statistics need no second pass over memory. The target gets no gradient (it is the snapshot's).
+Each program walks its rows' columns in BLOCK_C chunks (256 or 128 wide when that divides C, so every warp
+has work at C = 768 or 384): the target's row mean, then its centred variance, then the loss or gradient,
+re-reading the rows' chunks from cache. C is a compile-time constant, so Triton knows the rows' alignment
+and the column mask's, and moves data in 16-byte vectors wherever the row width allows (fp32 at C = 108
+for the HOG target; bf16 rows of 108 are only 8-byte aligned). The target gets no gradient.
 """
 
 from __future__ import annotations
@@ -33,10 +36,8 @@ from miles_kernels.masked_feature_loss import LAYER_NORM_EPS, _check_grid, check
 POISON_OUTPUTS = False
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MAX_C = 8192  # one row per program in registers: wider rows would spill
-_BLOCK_ELEMS = 4096  # elements per program (rows x columns) on a GPU
-# Under the interpreter every program is a Python-level step: fewer, larger programs keep CPU tests fast.
-_BLOCK_ELEMS_INTERPRET = 16384
+MAX_C = 8192  # the column loop is unrolled at compile time: wider rows go to the reference
+_BLOCK_ELEMS = 4096  # elements per program and chunk (rows x columns), under the interpreter too
 # The combine function behind tl.sum, called through tl.reduce: tl.sum itself is a @triton.jit wrapper fixed
 # as compiled or interpreted when triton is first imported, so a kernel re-decorated for the interpreter
 # (tests) could not call it when triton was first imported in compiled mode. The interpreter recognises
@@ -51,23 +52,39 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 
 def _blocks(rows: int, c: int) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_C, num_warps) for rows of c columns."""
-    block_c = triton.next_power_of_2(max(c, 1))
-    elems = _BLOCK_ELEMS_INTERPRET if INTERPRETED else _BLOCK_ELEMS
-    block_r = max(1, min(triton.next_power_of_2(max(rows, 1)), elems // block_c))
-    num_warps = 4 if block_r * block_c <= 4096 else 8
-    return block_r, block_c, num_warps
+    """(BLOCK_R, BLOCK_C, num_warps) for rows of c columns, the same under the interpreter as on a GPU.
+
+    A program covers BLOCK_R rows and walks their columns in BLOCK_C chunks: 256 or 128 wide when that
+    divides C (768 -> 3 x 256, 384 -> 3 x 128: no masked lanes), else one masked chunk up to 256."""
+    if c % 256 == 0:
+        block_c = 256
+    elif c % 128 == 0:
+        block_c = 128
+    else:
+        block_c = min(triton.next_power_of_2(max(c, 1)), 256)
+    block_r = max(1, min(triton.next_power_of_2(max(rows, 1)), _BLOCK_ELEMS // block_c))
+    return block_r, block_c, 4
 
 
 @triton.jit
-def _normalized_target(t, col_ok, C, eps, NORMALIZE: tl.constexpr):
-    """Rows of t [BLOCK_R, BLOCK_C] (zeros past C) layer-normalised over their first C columns."""
-    if NORMALIZE:
-        mean = tl.reduce(t, 1, _ADD) / C
-        centred = tl.where(col_ok[None, :], t - mean[:, None], 0.0)
-        var = tl.reduce(centred * centred, 1, _ADD) / C
-        t = centred * (1.0 / tl.sqrt(var + eps))[:, None]
-    return t
+def _row_stats(t_ptr, row_base, row_ok, C: tl.constexpr, eps, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(mean, 1 / sqrt(var + eps)) of each row's C values, chunk by chunk: the mean first, then the centred
+    squares (two passes over the row, the second from cache), as the reference computes them."""
+    total = tl.zeros([BLOCK_R], tl.float32)
+    for c0 in tl.static_range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        ok = row_ok[:, None] & (cols < C)[None, :]
+        t = tl.load(t_ptr + row_base[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        total += tl.reduce(t, 1, _ADD)
+    mean = total / C
+    squares = tl.zeros([BLOCK_R], tl.float32)
+    for c0 in tl.static_range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        ok = row_ok[:, None] & (cols < C)[None, :]
+        t = tl.load(t_ptr + row_base[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        centred = tl.where(ok, t - mean[:, None], 0.0)
+        squares += tl.reduce(centred * centred, 1, _ADD)
+    return mean, 1.0 / tl.sqrt(squares / C + eps)
 
 
 @triton.jit
@@ -79,7 +96,7 @@ def _loss_fwd_kernel(
     F,
     N,
     M,
-    C,
+    C: tl.constexpr,  # compiled per width: Triton then knows the rows' and the column mask's alignment
     ROWS,  # B * F * M
     eps,
     NORMALIZE: tl.constexpr,
@@ -89,27 +106,31 @@ def _loss_fwd_kernel(
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_C)
     row_ok = rows < ROWS
-    col_ok = cols < C
-    ok = row_ok[:, None] & col_ok[None, :]
     bf = rows // M  # b * F + f
     m = rows % M
     b = bf // F
-
     n = tl.load(hidden_ptr + b * M + m, mask=row_ok, other=0).to(tl.int64)
-    offs = (bf * N + n)[:, None] * C + cols[None, :]
-    p = tl.load(pred_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    t = tl.load(target_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    t = _normalized_target(t, col_ok, C, eps, NORMALIZE)
-    d = p - t
-    if SMOOTH_L1:
-        a = tl.abs(d)
-        err = tl.where(a < 1.0, 0.5 * d * d, a - 0.5)
-    else:
-        err = d * d
-    err = tl.where(ok, err, 0.0)
-    tl.store(partial_ptr + pid, tl.reduce(tl.reduce(err, 1, _ADD), 0, _ADD))
+    row_base = (bf * N + n) * C
+    if NORMALIZE:
+        mean, rstd = _row_stats(target_ptr, row_base, row_ok, C, eps, BLOCK_R, BLOCK_C)
+    err_sum = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    for c0 in tl.static_range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        ok = row_ok[:, None] & (cols < C)[None, :]
+        offs = row_base[:, None] + cols[None, :]
+        p = tl.load(pred_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        t = tl.load(target_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        if NORMALIZE:
+            t = (t - mean[:, None]) * rstd[:, None]
+        d = p - t
+        if SMOOTH_L1:
+            a = tl.abs(d)
+            err = tl.where(a < 1.0, 0.5 * d * d, a - 0.5)
+        else:
+            err = d * d
+        err_sum += tl.where(ok, err, 0.0)
+    tl.store(partial_ptr + pid, tl.reduce(tl.reduce(err_sum, 1, _ADD), 0, _ADD))
 
 
 @triton.jit
@@ -121,7 +142,7 @@ def _loss_bwd_kernel(
     grad_ptr,  # [B, F, N, C], pred's dtype
     F,
     N,
-    C,
+    C: tl.constexpr,  # compiled per width: Triton then knows the rows' and the column mask's alignment
     eps,
     NORMALIZE: tl.constexpr,
     SMOOTH_L1: tl.constexpr,
@@ -131,27 +152,29 @@ def _loss_bwd_kernel(
     bf = tl.program_id(0).to(tl.int64)  # b * F + f
     b = bf // F
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_C)
     row_ok = rows < N
-    col_ok = cols < C
-    ok = row_ok[:, None] & col_ok[None, :]
-
     count = tl.load(count_ptr + b * N + rows, mask=row_ok, other=0)
-    selected = count > 0
-    load_ok = ok & selected[:, None]  # unselected rows are never read
-    offs = (bf * N + rows.to(tl.int64))[:, None] * C + cols[None, :]
-    p = tl.load(pred_ptr + offs, mask=load_ok, other=0.0).to(tl.float32)
-    t = tl.load(target_ptr + offs, mask=load_ok, other=0.0).to(tl.float32)
-    t = _normalized_target(t, col_ok, C, eps, NORMALIZE)
-    d = p - t
-    if SMOOTH_L1:
-        g = tl.minimum(tl.maximum(d, -1.0), 1.0)
-    else:
-        g = 2.0 * d
-    scale = tl.load(scale_ptr)
-    g = g * (count.to(tl.float32) * scale)[:, None]
-    g = tl.where(load_ok, g, 0.0)
-    tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=ok)
+    selected = row_ok & (count > 0)  # unselected rows are never read
+    row_base = (bf * N + rows.to(tl.int64)) * C
+    if NORMALIZE:
+        mean, rstd = _row_stats(target_ptr, row_base, selected, C, eps, BLOCK_R, BLOCK_C)
+    weight = count.to(tl.float32) * tl.load(scale_ptr)
+    for c0 in tl.static_range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        col_ok = (cols < C)[None, :]
+        load_ok = selected[:, None] & col_ok
+        offs = row_base[:, None] + cols[None, :]
+        p = tl.load(pred_ptr + offs, mask=load_ok, other=0.0).to(tl.float32)
+        t = tl.load(target_ptr + offs, mask=load_ok, other=0.0).to(tl.float32)
+        if NORMALIZE:
+            t = (t - mean[:, None]) * rstd[:, None]
+        d = p - t
+        if SMOOTH_L1:
+            g = tl.minimum(tl.maximum(d, -1.0), 1.0)
+        else:
+            g = 2.0 * d
+        g = tl.where(load_ok, g * weight[:, None], 0.0)
+        tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok)
 
 
 # Whether triton wrapped the kernels for its CPU interpreter (decided when this module was imported).

@@ -29,10 +29,7 @@ from miles_kernels.tokens import _check
 POISON_OUTPUTS = False
 
 _MAX_BLOCK_C = 256
-_BLOCK_ELEMS = 4096  # elements per program (rows x columns) on a GPU
-# Under the interpreter (TRITON_INTERPRET=1 at import) every program is a Python-level step: fewer, larger
-# programs keep CPU tests fast while still covering several row and column blocks.
-_BLOCK_ELEMS_INTERPRET = 16384
+_BLOCK_ELEMS = 4096  # elements per program (rows x columns), under the interpreter too: tests run the GPU's
 _NUM_WARPS = 4
 
 
@@ -44,8 +41,7 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 def _blocks(rows: int, c: int) -> tuple[int, int]:
     block_c = min(triton.next_power_of_2(max(c, 1)), _MAX_BLOCK_C)
-    elems = _BLOCK_ELEMS_INTERPRET if INTERPRETED else _BLOCK_ELEMS
-    block_r = max(1, min(triton.next_power_of_2(max(rows, 1)), elems // block_c))
+    block_r = max(1, min(triton.next_power_of_2(max(rows, 1)), _BLOCK_ELEMS // block_c))
     return block_r, block_c
 
 

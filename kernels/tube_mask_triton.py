@@ -47,7 +47,7 @@ _ADD = tl.standard._sum_combine
 _MAX = tl.standard._elementwise_max
 
 BLOCK_N = 64  # positions per program in the key kernel: a [32, 64] int32 coverage tile fits in registers
-BLOCK_I = 32  # rows of the rank comparison tile ([32, 128] int64 keys: no spills, 7 programs a sample at N=196)
+BLOCK_I = 32  # rows of the rank comparison tile ([32, 128] int64 keys: no spills; N=196: 7 programs)
 BLOCK_J = 128  # columns of the rank comparison tile
 BLOCK_V = 1024  # chunk of the visible-index scan
 
