@@ -78,8 +78,8 @@ def test_bulk_traffic_moves_in_the_widest_vectors_the_rows_allow(builds: list[di
         stores = b["widest_store_bits"] if b["kernel"] in ROW_STORES else want
         if b["widest_load_bits"] < want or stores < want:
             narrow.append(
-                f"{b['kernel']} {b['arch']} rows of {b['row_bytes']} B: widest load "
-                f"{b['widest_load_bits']} / store {b['widest_store_bits']} bits, {want} possible ({b['case']})"
+                f"{b['kernel']} {b['arch']} rows of {b['row_bytes']} B: widest load {b['widest_load_bits']}"
+                f" / store {b['widest_store_bits']} bits, {want} possible ({b['case']})"
             )
     assert not narrow, "\n".join(narrow)
     widths = {b["widest_load_bits"] for b in builds if b["kernel"] in BULK}
