@@ -2,14 +2,19 @@
 
 Forward kernels:
 
-* `_gather_rows_kernel`: one program per (b, f, block of K rows) x block of C. It loads the visible indices
-  of its rows, gathers those rows of the [B, F, N, C] input and (optionally) adds the pos row and the time
-  row. Used by `drop_tokens` forward and by the `restore_tokens` backward (gradient of y, no embeddings).
-* `_scatter_rows_kernel`: one pass over the full [B, F, N, C] grid, one program per (b, f, block of N rows)
-  x block of C. A tiny on-device inverse index `slot [B, N] int32` (k, or -1 for a hidden position; built
-  with a torch scatter, no host sync) says where each row comes from: y[b, f, slot] or the mask token
-  (or 0), plus (optionally) pos[n] + time[f]. Every output row is written, so no separate zero fill is
-  needed. Used by `restore_tokens` forward and by the `drop_tokens` backward (gradient of x).
+* `_gather_rows_kernel`: one program per (b, block of the F*K output rows) x block of C. It loads the
+  visible indices of its rows, gathers those rows of the [B, F, N, C] input and (optionally) adds the pos
+  row and the time row. Used by `drop_tokens` forward and by the `restore_tokens` backward (gradient of y,
+  no embeddings).
+* `_scatter_rows_kernel`: one pass over the full [B, F, N, C] grid, one program per (b, block of the F*N
+  output rows) x block of C. A tiny on-device inverse index `slot [B, N] int32` (k, or -1 for a hidden
+  position; built with a torch scatter, no host sync) says where each row comes from: y[b, f, slot] or the
+  mask token (or 0), plus (optionally) pos[n] + time[f]. Every output row is written, so no separate zero
+  fill is needed. Used by `restore_tokens` forward and by the `drop_tokens` backward (gradient of x).
+
+Rows are blocked across frames (F*K = 196 rows of a sample at K = 49, not 49 per frame in 16-row blocks that
+leave a quarter-empty block per frame), and blocks are small (2048 elements) so that a batch of 8 already
+gives several programs per SM; columns go in 256- or 128-wide blocks that divide C when they can.
 
 All arithmetic is in fp32 (loads are converted right away, stores go back to the output dtype), so bf16
 inputs are accumulated in fp32. The reductions of the backward passes (gradients of pos, time, mask token)
@@ -29,7 +34,7 @@ from miles_kernels.tokens import _check
 POISON_OUTPUTS = False
 
 _MAX_BLOCK_C = 256
-_BLOCK_ELEMS = 4096  # elements per program (rows x columns), under the interpreter too: tests run the GPU's
+_BLOCK_ELEMS = 2048  # elements per program (rows x columns), under the interpreter too: tests run the GPU's
 _NUM_WARPS = 4
 
 
@@ -40,7 +45,14 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 
 def _blocks(rows: int, c: int) -> tuple[int, int]:
-    block_c = min(triton.next_power_of_2(max(c, 1)), _MAX_BLOCK_C)
+    """(BLOCK_R, BLOCK_C): columns 256 or 128 wide when that divides C (no masked lanes), rows to fill
+    _BLOCK_ELEMS; the same under the interpreter as on a GPU."""
+    if c % 256 == 0:
+        block_c = 256
+    elif c % 128 == 0:
+        block_c = 128
+    else:
+        block_c = min(triton.next_power_of_2(max(c, 1)), _MAX_BLOCK_C)
     block_r = max(1, min(triton.next_power_of_2(max(rows, 1)), _BLOCK_ELEMS // block_c))
     return block_r, block_c
 
@@ -60,22 +72,23 @@ def _gather_rows_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    bf = tl.program_id(0).to(tl.int64)  # b * F + f
-    b = bf // F
-    f = bf % F
-    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    b = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # output rows f * K + j of sample b
     cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_ok = rows < K
+    row_ok = rows < F * K
     col_ok = cols < C
     ok = row_ok[:, None] & col_ok[None, :]
+    f = (rows // K).to(tl.int64)
+    j = rows - (rows // K) * K
 
-    n = tl.load(visible_ptr + b * K + rows, mask=row_ok, other=0).to(tl.int64)
-    val = tl.load(src_ptr + (bf * N + n)[:, None] * C + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    n = tl.load(visible_ptr + b * K + j, mask=row_ok, other=0).to(tl.int64)
+    val = tl.load(src_ptr + ((b * F + f) * N + n)[:, None] * C + cols[None, :], mask=ok, other=0.0)
+    val = val.to(tl.float32)
     if HAS_EMB:
         p = tl.load(pos_ptr + n[:, None] * C + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        t = tl.load(time_ptr + f * C + cols, mask=col_ok, other=0.0).to(tl.float32)
-        val = val + p + t[None, :]
-    out_offs = (bf * K + rows.to(tl.int64))[:, None] * C + cols[None, :]
+        t = tl.load(time_ptr + f[:, None] * C + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        val = val + p + t
+    out_offs = (b * F * K + rows.to(tl.int64))[:, None] * C + cols[None, :]
     tl.store(out_ptr + out_offs, val.to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -96,29 +109,28 @@ def _scatter_rows_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    bf = tl.program_id(0).to(tl.int64)  # b * F + f
-    b = bf // F
-    f = bf % F
-    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    b = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # output rows f * N + n of sample b
     cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_ok = rows < N
+    row_ok = rows < F * N
     col_ok = cols < C
     ok = row_ok[:, None] & col_ok[None, :]
+    f = (rows // N).to(tl.int64)
+    n = (rows - (rows // N) * N).to(tl.int64)
 
-    s = tl.load(slot_ptr + b * N + rows, mask=row_ok, other=-1)
+    s = tl.load(slot_ptr + b * N + n, mask=row_ok, other=-1)
     vis = s >= 0
     k = tl.where(vis, s, 0).to(tl.int64)
-    val = tl.load(src_ptr + (bf * K + k)[:, None] * C + cols[None, :], mask=ok & vis[:, None], other=0.0).to(
-        tl.float32
-    )
+    src_offs = ((b * F + f) * K + k)[:, None] * C + cols[None, :]
+    val = tl.load(src_ptr + src_offs, mask=ok & vis[:, None], other=0.0).to(tl.float32)
     if HAS_MASK:
         m = tl.load(mask_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         val = tl.where(vis[:, None], val, m[None, :])
     if HAS_EMB:
-        p = tl.load(pos_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=ok, other=0.0)
-        t = tl.load(time_ptr + f * C + cols, mask=col_ok, other=0.0).to(tl.float32)
-        val = val + p.to(tl.float32) + t[None, :]
-    out_offs = (bf * N + rows.to(tl.int64))[:, None] * C + cols[None, :]
+        p = tl.load(pos_ptr + n[:, None] * C + cols[None, :], mask=ok, other=0.0)
+        t = tl.load(time_ptr + f[:, None] * C + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        val = val + p.to(tl.float32) + t
+    out_offs = (b * F * N + rows.to(tl.int64))[:, None] * C + cols[None, :]
     tl.store(out_ptr + out_offs, val.to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -140,8 +152,8 @@ def _gather(
     if out.numel() == 0:
         return out
     has_emb = pos is not None
-    block_r, block_c = _blocks(k, c)
-    grid = (b * f, triton.cdiv(k, block_r), triton.cdiv(c, block_c))
+    block_r, block_c = _blocks(f * k, c)
+    grid = (b, triton.cdiv(f * k, block_r), triton.cdiv(c, block_c))
     _gather_rows_kernel[grid](
         src,
         visible,
@@ -176,8 +188,8 @@ def _scatter(
         return out
     has_mask = mask_token is not None
     has_emb = pos is not None
-    block_r, block_c = _blocks(n, c)
-    grid = (b * f, triton.cdiv(n, block_r), triton.cdiv(c, block_c))
+    block_r, block_c = _blocks(f * n, c)
+    grid = (b, triton.cdiv(f * n, block_r), triton.cdiv(c, block_c))
     _scatter_rows_kernel[grid](
         src,
         slot,
