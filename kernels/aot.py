@@ -159,8 +159,24 @@ def _vector_counts(ptx: str) -> dict[str, int]:
     }
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 def _bytes_moved(launch: Launch) -> int:
-    return sum(a.numel() * a.element_size() for a in launch.args if isinstance(a, torch.Tensor))
+    """What a perfect kernel must read and write for this launch (the benchmarks' definition)."""
+    name, a = launch.kernel.__name__, launch.args
+    if name == "_gather_rows_kernel":  # read the kept rows, write them
+        return 2 * _nbytes(a[4])
+    if name == "_scatter_rows_kernel":  # read the kept rows, write the full grid
+        return _nbytes(a[0]) + _nbytes(a[5])
+    if name == "_loss_fwd_kernel":  # the selected pred and target rows
+        pred, rows, c = a[0], a[8], a[7]
+        return 2 * rows * c * pred.element_size()
+    if name == "_loss_bwd_kernel":  # the selected pred and target rows, the whole gradient grid
+        count, grad, frames = a[2], a[4], a[5]
+        return 2 * int((count > 0).sum()) * frames * grad.shape[-1] * grad.element_size() + _nbytes(grad)
+    return sum(_nbytes(t) for t in a if isinstance(t, torch.Tensor))  # the mask kernels: their buffers
 
 
 def _constexprs(launch: Launch) -> dict[str, Any]:
@@ -293,6 +309,31 @@ def all_builds(archs: list[str] | None = None) -> list[Build]:
     return [build(case, launch, arch) for case, launch in launches for arch in (archs or sorted(TARGETS))]
 
 
+def static_table(batch: int = 32, arch: str = "sm_90") -> list[dict[str, Any]]:
+    """Per kernel launch of the training cases at `batch`: registers, spills, programs, bytes moved and the
+    lower-bound time at each GPU's copy bandwidth (a bound, not a measurement)."""
+    cases = {k: v for k, v in training_cases().items() if k.endswith(f"B={batch}")}
+    rows = []
+    for case, launch in capture(cases):
+        b = build(case, launch, arch)
+        programs = 1
+        for g in b.grid:
+            programs *= int(g)
+        rows.append(
+            {
+                "case": case,
+                "kernel": b.kernel,
+                "arch": arch,
+                "programs": programs,
+                "registers": b.registers,
+                "spill_bytes": b.spill_stores + b.spill_loads,
+                "bytes": b.bytes_moved,
+                **{f"lower_bound_us_{gpu}": 1e6 * b.bytes_moved / bw for gpu, bw in COPY_BANDWIDTH.items()},
+            }
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m miles_kernels.aot", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", action="append", choices=sorted(TARGETS))
@@ -300,9 +341,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--record", type=Path, help="write the registers / spills record (kernel_resources.json)"
     )
+    parser.add_argument(
+        "--table", type=Path, help="write the static table (batch 32, sm_90) as JSON, and stop"
+    )
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "").strip() not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: the kernels must be imported compiled")
+    if args.table:
+        args.table.write_text(json.dumps(static_table(), indent=1))
+        return 0
     builds = all_builds(args.arch)
     if args.json:
         args.json.write_text(json.dumps([asdict(b) for b in builds], indent=1))

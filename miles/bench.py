@@ -37,6 +37,7 @@ SUITES = {
     "train_step": "test_train_step.py",
 }
 REPORT_NAME = "REPORT.md"
+STATIC_KERNELS_NAME = "kernels_static.json"  # `python -m miles_kernels.aot --table`: no GPU needed
 CHART_NAME = "ratios.png"
 SPEEDUP_HEADER = "speed-up (reference time / fast time)"
 PEER_HEADER = "peer code base (its time; its time / ref, / fast)"
@@ -543,6 +544,41 @@ def write_chart(rows: list[ReportRow], path: Path) -> Path:
     return path
 
 
+def _static_kernels_section(path: Path) -> list[str]:
+    """The kernels compiled for sm_90 here, with the time they cannot beat on an H100 / H200."""
+    if not path.is_file():
+        return []
+    rows = json.loads(path.read_text())
+    lines = [
+        "## Kernels compiled for the GPU (static, batch 32, sm_90)",
+        "",
+        "Compiled here by `python -m miles_kernels.aot`, through the wrappers, at the launch configuration "
+        "they pick on CUDA. Bytes = what a perfect kernel reads and writes per call. **The lower bounds are "
+        "not measurements**: bytes / copy bandwidth (H100 about 3.0 TB/s, H200 about 4.3 TB/s); a measured "
+        "time on that GPU belongs beside its bound.",
+        "",
+        "| case | kernel | programs | registers | spilled B | MB moved | >= us H100 | >= us H200 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['case']} | `{r['kernel']}` | {r['programs']} | {r['registers']} | {r['spill_bytes']} | "
+            f"{r['bytes'] / 1e6:.2f} | {r['lower_bound_us_H100']:.1f} | {r['lower_bound_us_H200']:.1f} |"
+        )
+    return [*lines, ""]
+
+
+def write_static_kernels(out_dir: Path) -> str | None:
+    """Compile the kernels for sm_90 in a fresh process (they must not be imported for the interpreter) and
+    write the static table; a note when that failed."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "miles_kernels.aot", "--table", str(out_dir / STATIC_KERNELS_NAME)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return f"static kernel table: `{' '.join(cmd[1:])}` failed: {proc.stderr.strip()[-300:]}"
+    return None
+
+
 def write_report(
     benchmark_json_paths: list[Path] | list[str],
     out_dir: Path | str,
@@ -593,6 +629,7 @@ def write_report(
         lines += ["Timings outside the pairing convention:", ""]
         lines += [f"- `{t.fullname}` (group {t.case!r}): {_fmt_timing(t, {})}" for t in unpaired]
         lines.append("")
+    lines += _static_kernels_section(out_dir / STATIC_KERNELS_NAME)
     if runs.failed:
         lines += ["## Failed cases", ""]
         lines += _outcome_lines(runs.failed)
@@ -691,6 +728,10 @@ def run_suites(
     if quick:
         env["MILES_BENCH_QUICK"] = "1"
     written, ok = [], True
+    if "kernels" in suites:
+        note = write_static_kernels(out_dir)
+        if note:
+            notes.append(note)
     for name, path in suites.items():
         target = out_dir / f"{name}.json"
         fresh, junit = out_dir / f".{name}.json.tmp", out_dir / f".{name}.junit.xml"

@@ -390,6 +390,14 @@ def test_cli_end_to_end_on_a_tiny_suite(tmp_path: Path, monkeypatch: pytest.Monk
     assert row["fast variant"] == "fast" and float(row[SPEEDUP_HEADER].strip("*x")) > 1  # sum beats a loop
     assert "test_sum[cuda]` " in text and "tiny suite: no CUDA case here" in text
     assert "suite data: test_absent.py does not exist in this checkout, not run" in text
+    # the kernels suite also compiles the real kernels for sm_90 and reports them with their lower bounds
+    assert "## Kernels compiled for the GPU (static, batch 32, sm_90)" in text and "not measurements" in text
+    static = json.loads((out / bench.STATIC_KERNELS_NAME).read_text())
+    assert {r["kernel"] for r in static} >= {"_tube_keys_kernel", "_gather_rows_kernel", "_loss_bwd_kernel"}
+    assert all(r["spill_bytes"] == 0 for r in static)
+    assert all(0 < r["lower_bound_us_H200"] < r["lower_bound_us_H100"] for r in static)
+    drop = next(r for r in static if r["case"] == "drop_tokens bfloat16 B=32")
+    assert f"| drop_tokens bfloat16 B=32 | `_gather_rows_kernel` | {drop['programs']} |" in text
     assert (out / "ratios.png").read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
     assert "| sum | fast |" in printed
