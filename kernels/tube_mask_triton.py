@@ -46,8 +46,13 @@ _GOLDEN = 0x9E3779B9
 _ADD = tl.standard._sum_combine
 _MAX = tl.standard._elementwise_max
 
-BLOCK_N = 64  # positions per program in the key kernel: a [32, 64] int32 coverage tile fits in registers
-BLOCK_I = 32  # rows of the rank comparison tile ([32, 128] int64 keys: no spills; N=196: 7 programs)
+# Positions per program of the key kernel ([32, BLOCK] int32 coverage tile) and rows of the rank kernel's
+# [rows, BLOCK_J] int64 comparison tile: the largest power of two up to the cap that still gives every SM of
+# an H100 (132) a program, down to 8 (`_rows_per_program`). ViT-B/16 at batch 8: 8 rows, 200 programs.
+MAX_BLOCK_N = 64
+MAX_BLOCK_I = 32
+MIN_BLOCK = 8
+SMS = 132
 BLOCK_J = 128  # columns of the rank comparison tile
 BLOCK_V = 1024  # chunk of the visible-index scan
 
@@ -194,6 +199,13 @@ def _tube_visible_kernel(mask_ptr, visible_ptr, n, k, BLOCK: tl.constexpr):
 INTERPRETED = type(_tube_keys_kernel).__name__ == "InterpretedFunction"
 
 
+def _rows_per_program(batch: int, n: int, largest: int) -> int:
+    block = largest
+    while block > MIN_BLOCK and batch * triton.cdiv(n, block) < SMS:
+        block //= 2
+    return block
+
+
 def _hash32_host(x: int) -> int:
     x &= MASK32
     x ^= x >> 16
@@ -251,7 +263,8 @@ def tube_mask_triton(
     base = _base(seed, step)
 
     keys = torch.empty(batch, n, dtype=torch.int64, device=device)
-    _tube_keys_kernel[(batch, triton.cdiv(n, BLOCK_N))](
+    block_n = _rows_per_program(batch, n, MAX_BLOCK_N)
+    _tube_keys_kernel[(batch, triton.cdiv(n, block_n))](
         keys,
         base >> 16,
         base & 0xFFFF,
@@ -261,11 +274,12 @@ def tube_mask_triton(
         lo_area,
         max_area - lo_area + 1,
         R=NUM_RECTANGLES,
-        BLOCK=BLOCK_N,
+        BLOCK=block_n,
         BLOCKWISE=blockwise,
     )
     mask_u8 = torch.empty(batch, n, dtype=torch.uint8, device=device)
-    _tube_rank_kernel[(batch, triton.cdiv(n, BLOCK_I))](keys, mask_u8, n, m, BI=BLOCK_I, BJ=BLOCK_J)
+    block_i = _rows_per_program(batch, n, MAX_BLOCK_I)
+    _tube_rank_kernel[(batch, triton.cdiv(n, block_i))](keys, mask_u8, n, m, BI=block_i, BJ=BLOCK_J)
     visible = torch.empty(batch, k, dtype=torch.int64, device=device)
     if k > 0:
         _tube_visible_kernel[(batch,)](mask_u8, visible, n, k, BLOCK=BLOCK_V)

@@ -563,7 +563,7 @@ def _static_kernels_section(path: Path) -> list[str]:
     for r in rows:
         lines.append(
             f"| {r['case']} | `{r['kernel']}` | {r['programs']} | {r['registers']} | {r['spill_bytes']} | "
-            f"{r['bytes'] / 1e6:.2f} | {r['lower_bound_us_H100']:.1f} | {r['lower_bound_us_H200']:.1f} |"
+            f"{r['bytes'] / 1e6:.2f} | {r['lower_bound_us_H100']:.2f} | {r['lower_bound_us_H200']:.2f} |"
         )
     return [*lines, ""]
 
