@@ -70,14 +70,14 @@ def _blocks(rows: int, c: int) -> tuple[int, int, int]:
 def _row_stats(t_ptr, row_base, row_ok, C: tl.constexpr, eps, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """(mean, 1 / sqrt(var + eps)) of each row's C values, chunk by chunk: the mean first, then the centred
     squares (two passes over the row, the second from cache), as the reference computes them."""
-    total = tl.zeros([BLOCK_R], tl.float32)
+    total = tl.full([BLOCK_R], 0.0, tl.float32)
     for c0 in tl.static_range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         ok = row_ok[:, None] & (cols < C)[None, :]
         t = tl.load(t_ptr + row_base[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         total += tl.reduce(t, 1, _ADD)
     mean = total / C
-    squares = tl.zeros([BLOCK_R], tl.float32)
+    squares = tl.full([BLOCK_R], 0.0, tl.float32)
     for c0 in tl.static_range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         ok = row_ok[:, None] & (cols < C)[None, :]
@@ -114,7 +114,7 @@ def _loss_fwd_kernel(
     row_base = (bf * N + n) * C
     if NORMALIZE:
         mean, rstd = _row_stats(target_ptr, row_base, row_ok, C, eps, BLOCK_R, BLOCK_C)
-    err_sum = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    err_sum = tl.full([BLOCK_R, BLOCK_C], 0.0, tl.float32)
     for c0 in tl.static_range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         ok = row_ok[:, None] & (cols < C)[None, :]
