@@ -88,6 +88,16 @@ def _row_stats(t_ptr, row_base, row_ok, C: tl.constexpr, eps, BLOCK_R: tl.conste
 
 
 @triton.jit
+def _difference(pred_ptr, target_ptr, offs, ok, mean, rstd, NORMALIZE: tl.constexpr):
+    """pred - target on one chunk, in fp32, the target layer-normalised with its rows' (mean, rstd)."""
+    p = tl.load(pred_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    t = tl.load(target_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    if NORMALIZE:
+        t = (t - mean[:, None]) * rstd[:, None]
+    return p - t
+
+
+@triton.jit
 def _loss_fwd_kernel(
     pred_ptr,  # [B, F, N, C]
     target_ptr,  # [B, F, N, C]
@@ -112,18 +122,14 @@ def _loss_fwd_kernel(
     b = bf // F
     n = tl.load(hidden_ptr + b * M + m, mask=row_ok, other=0).to(tl.int64)
     row_base = (bf * N + n) * C
+    mean, rstd = tl.full([BLOCK_R], 0.0, tl.float32), tl.full([BLOCK_R], 1.0, tl.float32)
     if NORMALIZE:
         mean, rstd = _row_stats(target_ptr, row_base, row_ok, C, eps, BLOCK_R, BLOCK_C)
     err_sum = tl.full([BLOCK_R, BLOCK_C], 0.0, tl.float32)
     for c0 in tl.static_range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         ok = row_ok[:, None] & (cols < C)[None, :]
-        offs = row_base[:, None] + cols[None, :]
-        p = tl.load(pred_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        t = tl.load(target_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        if NORMALIZE:
-            t = (t - mean[:, None]) * rstd[:, None]
-        d = p - t
+        d = _difference(pred_ptr, target_ptr, row_base[:, None] + cols[None, :], ok, mean, rstd, NORMALIZE)
         if SMOOTH_L1:
             a = tl.abs(d)
             err = tl.where(a < 1.0, 0.5 * d * d, a - 0.5)
@@ -156,6 +162,7 @@ def _loss_bwd_kernel(
     count = tl.load(count_ptr + b * N + rows, mask=row_ok, other=0)
     selected = row_ok & (count > 0)  # unselected rows are never read
     row_base = (bf * N + rows.to(tl.int64)) * C
+    mean, rstd = tl.full([BLOCK_R], 0.0, tl.float32), tl.full([BLOCK_R], 1.0, tl.float32)
     if NORMALIZE:
         mean, rstd = _row_stats(target_ptr, row_base, selected, C, eps, BLOCK_R, BLOCK_C)
     weight = count.to(tl.float32) * tl.load(scale_ptr)
@@ -164,11 +171,7 @@ def _loss_bwd_kernel(
         col_ok = (cols < C)[None, :]
         load_ok = selected[:, None] & col_ok
         offs = row_base[:, None] + cols[None, :]
-        p = tl.load(pred_ptr + offs, mask=load_ok, other=0.0).to(tl.float32)
-        t = tl.load(target_ptr + offs, mask=load_ok, other=0.0).to(tl.float32)
-        if NORMALIZE:
-            t = (t - mean[:, None]) * rstd[:, None]
-        d = p - t
+        d = _difference(pred_ptr, target_ptr, offs, load_ok, mean, rstd, NORMALIZE)
         if SMOOTH_L1:
             g = tl.minimum(tl.maximum(d, -1.0), 1.0)
         else:
