@@ -19,7 +19,12 @@ of the temporal and CLS attention. The CLS key is always valid, so no query ever
 from __future__ import annotations
 
 import functools
+import importlib.metadata
+import importlib.util
+import json
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -43,6 +48,39 @@ class AttentionChoice:
         return f"{self.backend} ({self.reason})"
 
 
+def _release(version: str) -> tuple[str, str]:
+    """("2.14", "cu130") from "2.14.1+cu130": what binary compatibility of a compiled extension rests on."""
+    base, _, local = version.partition("+")
+    return ".".join(base.split(".")[:2]), local
+
+
+@functools.cache
+def xformers_build_mismatch() -> str | None:
+    """Why the installed xformers wheel cannot load its CUDA kernels with this torch, read from the wheel's
+    own build info (`xformers/cpp_lib.json`) without importing it; None when it was built for this torch
+    (or is not installed, or does not say)."""
+    spec = importlib.util.find_spec("xformers")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    info_path = Path(next(iter(spec.submodule_search_locations))) / "cpp_lib.json"
+    try:
+        built = json.loads(info_path.read_text())["version"]
+        built_torch, built_python = str(built["torch"]), str(built.get("python", "?"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if _release(built_torch) == _release(torch.__version__):
+        return None
+    try:
+        version = importlib.metadata.version("xformers")
+    except importlib.metadata.PackageNotFoundError:
+        version = "?"
+    running_python = ".".join(map(str, sys.version_info[:3]))
+    return (
+        f"the xformers {version} wheel was built for torch {built_torch} (Python {built_python}), this run "
+        f"has torch {torch.__version__} (Python {running_python}), so its CUDA kernels cannot load"
+    )
+
+
 @functools.cache
 def probe_xformers(device: torch.device) -> tuple[bool, str]:
     """(True, "CUDA + xformers <version>") if memory_efficient_attention runs on `device`, else (False, why).
@@ -52,6 +90,9 @@ def probe_xformers(device: torch.device) -> tuple[bool, str]:
     """
     if device.type != "cuda":
         return False, f"xformers has no CPU kernels, device is {device}"
+    mismatch = xformers_build_mismatch()
+    if mismatch:  # the real reason, rather than the first line of a failed call's error
+        return False, f"xformers unavailable on {device}: {mismatch}"
     try:
         import xformers
         import xformers.ops as xops

@@ -288,3 +288,39 @@ def test_pretraining_refuses_xformers_without_cuda_before_any_work(tmp_path) -> 
     with pytest.raises(ConfigError, match="xformers has no CPU kernels"):
         run_pretraining(cfg, tmp_path / "run")
     assert not data_root.exists() and not (tmp_path / "run").exists()  # nothing was generated or written
+
+
+def test_the_xformers_reason_names_the_torch_its_wheel_was_built_for(tmp_path, monkeypatch) -> None:
+    """Read from the installed wheel's own build info (xformers/cpp_lib.json), not from a failed call."""
+    import importlib.machinery
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from miles.attention import _release, xformers_build_mismatch
+
+    spec = importlib.util.find_spec("xformers")
+    assert spec is not None, "xformers is in requirements.lock"
+    built = json.loads((Path(next(iter(spec.submodule_search_locations))) / "cpp_lib.json").read_text())
+    built_torch = built["version"]["torch"]
+    xformers_build_mismatch.cache_clear()
+    reason = xformers_build_mismatch()
+    if _release(built_torch) == _release(torch.__version__):
+        assert reason is None
+    else:
+        assert f"wheel was built for torch {built_torch}" in reason
+        assert f"this run has torch {torch.__version__}" in reason
+
+    # a wheel built for this very torch: nothing to say
+    (tmp_path / "xformers").mkdir()
+    info = {"version": {"torch": torch.__version__, "python": "3.11"}}
+    (tmp_path / "xformers" / "cpp_lib.json").write_text(json.dumps(info))
+    fake = importlib.machinery.ModuleSpec("xformers", None, is_package=True)
+    fake.submodule_search_locations = [str(tmp_path / "xformers")]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: fake)
+    xformers_build_mismatch.cache_clear()
+    try:
+        assert xformers_build_mismatch() is None
+    finally:
+        monkeypatch.undo()
+        xformers_build_mismatch.cache_clear()
