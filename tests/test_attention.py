@@ -23,6 +23,7 @@ from miles.config import ConfigError, build_config
 from miles.video_encoder import SpaceTimeTransformer
 
 DIM, HEADS = 32, 4
+N_VIT_B = 196  # ViT-B/16 at 224 px: patches per frame
 N = 16  # a 4x4 grid: bert mode sees all 16 positions, drop mode at ratio 0.75 keeps 4
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # max error relative to the reference's max
 
@@ -324,3 +325,32 @@ def test_the_xformers_reason_names_the_torch_its_wheel_was_built_for(tmp_path, m
     finally:
         monkeypatch.undo()
         xformers_build_mismatch.cache_clear()
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "xformers"])
+@pytest.mark.parametrize("masked", [False, True], ids=["all-frames", "frame-mask"])
+@pytest.mark.parametrize("along", ["time", "space"])
+def test_vit_b_attention_under_autocast_equals_reference(backend: str, masked: bool, along: str) -> None:
+    """The model's real calls: ViT-B's width (768, 12 heads of 64), the `bert` grid of 4 frames x 196
+    patches + CLS (785 keys for CLS), under bf16 autocast as in training, forward and backward."""
+    device = _device_for(backend)
+    torch.manual_seed(4)
+    ref = DividedAttention(768, 12, backend="reference").to(device)
+    fast = copy.deepcopy(ref)
+    fast.backend = backend
+    b, frames = 2, 4
+    x = torch.randn(b, 1 + frames * N_VIT_B, 768, device=device)
+    frame_mask = _frame_mask(b, frames).to(device) if masked else None
+    grad_out = torch.randn(b, 1 + frames * N_VIT_B, 768, device=device, dtype=torch.bfloat16)
+    outs, grads = [], []
+    for layer in (ref, fast):
+        xi = x.clone().requires_grad_()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = layer(xi, frames, along, frame_mask)
+        assert out.dtype == torch.bfloat16
+        outs.append(out)
+        grads.append(torch.autograd.grad(out, [xi, *layer.parameters()], grad_out))
+    assert torch.isfinite(outs[1]).all()
+    assert _rel_err(outs[1], outs[0]) <= TOLERANCE[torch.bfloat16]
+    for got, expected in zip(grads[1], grads[0], strict=True):
+        assert _rel_err(got, expected) <= TOLERANCE[torch.bfloat16]
