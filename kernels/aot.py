@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -67,8 +68,6 @@ class Build:
     stack_bytes: int
     spill_stores: int
     spill_loads: int
-    global_loads_128: int  # ld.global with a .v4 of 32-bit or .v2 of 64-bit elements: 16 bytes
-    global_stores_128: int
     global_loads: int
     global_stores: int
     widest_load_bits: int  # the widest global load / store in the PTX (128 = 16-byte vectors)
@@ -150,8 +149,6 @@ def _vector_counts(ptx: str) -> dict[str, int]:
     loads = [_access_bits(i) for i in re.findall(r"ld\.global[\w.]*", ptx)]
     stores = [_access_bits(i) for i in re.findall(r"st\.global[\w.]*", ptx)]
     return {
-        "global_loads_128": sum(b == 128 for b in loads),
-        "global_stores_128": sum(b == 128 for b in stores),
         "global_loads": len(loads),
         "global_stores": len(stores),
         "widest_load_bits": max(loads, default=0),
@@ -315,15 +312,12 @@ def static_table(batch: int = 32, arch: str = "sm_90") -> list[dict[str, Any]]:
     rows = []
     for case, launch in capture(cases):
         b = build(case, launch, arch)
-        programs = 1
-        for g in b.grid:
-            programs *= int(g)
         rows.append(
             {
                 "case": case,
                 "kernel": b.kernel,
                 "arch": arch,
-                "programs": programs,
+                "programs": math.prod(b.grid),
                 "registers": b.registers,
                 "spill_bytes": b.spill_stores + b.spill_loads,
                 "bytes": b.bytes_moved,
