@@ -13,18 +13,20 @@ back padded with black frames under the default ``pad_mode``. So:
    the container and finds a video stream with a frame count, shard frames start with a JPEG marker);
    a clip that fails is replaced (training) or flagged (evaluation) exactly as in the reference;
 2. the video decoder runs with ``pad_mode="none"``, so missing frames raise instead of turning black;
-3. when a batch still fails inside DALI, the pipeline is rebuilt and every clip of that batch is decoded
-   on its own by the reference decoders (PyAV / PIL), which decide good or bad per clip as the reference
-   loader does; the good ones still go through the same DALI augmentation graph. Such fallbacks are
-   counted and logged as warnings (they are slow); a CUDA out-of-memory error is never taken for one.
-4. the loader remembers what it learnt: a clip that failed for a reason no epoch's draws can change
-   (missing, empty, no video stream, unreadable container) is substituted up front in later batches,
-   and a clip the reference decoder rejected after a DALI failure goes to the reference decoder
-   directly, so later epochs give the reference's batches without another DALI failure.
+3. when a batch still fails inside DALI, the pipeline is rebuilt and each clip of the batch is run
+   alone to find the one DALI rejects; that clip is decoded by the reference decoders (PyAV / PIL),
+   which decide good or bad as the reference loader does, and still goes through the same DALI
+   augmentation graph. Such fallbacks are counted and logged as warnings (they are slow); a CUDA
+   out-of-memory error is never taken for one.
+4. the loader remembers what it learnt, per clip: a clip that failed for a reason no epoch's draws can
+   change (missing, empty, no video stream, unreadable container) is substituted up front in later
+   batches, and a clip DALI rejected goes to the reference decoder directly from then on.
 
-Clips DALI cannot read on this device (a codec the CPU decoder lacks, found after the loader was built;
-a file above :data:`MAX_WHOLE_FILE_BYTES`) are decoded by the reference decoder and still augmented by
-DALI. ``skipped`` names every replaced or dropped clip, as in the reference.
+Clips DALI cannot read on this device are screened before they reach it, against the decoder's limits
+(:mod:`data_dali.codecs`: the CPU decoder's codecs; NVDEC's codecs, profiles, pixel formats and sizes per
+GPU generation), and decoded by the reference decoder, as are files above :data:`MAX_WHOLE_FILE_BYTES`;
+DALI still augments them. ``decode_counts()`` gives both numbers (screened, fallbacks); the trainer writes
+them to log.jsonl and metrics.json. ``skipped`` names every replaced or dropped clip, as in the reference.
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from data_dali.codecs import CPU_VIDEO_CODECS, VideoInfo, cpu_decoder_rejects, nvdec_rejects
 from data_dali.dali_pipeline import (
-    CPU_VIDEO_CODECS,
     build_frames_pipeline,
     build_shard_pipeline,
     build_video_pipeline,
@@ -116,16 +118,6 @@ def _unsupported_message(path: Path | str, codec: str) -> str:
     )
 
 
-@dataclass(frozen=True)
-class VideoInfo:
-    """Container metadata of one video; ``frames`` is 0 when the container does not say."""
-
-    codec: str
-    frames: int
-    height: int
-    width: int
-
-
 def probe_video(path: Path) -> VideoInfo:
     """Codec, frame count and size from the container header, without decoding a frame.
 
@@ -141,7 +133,14 @@ def probe_video(path: Path) -> VideoInfo:
                 raise _BadClip(f"{path} has no video stream")
             stream = container.streams.video[0]
             ctx = stream.codec_context
-            return VideoInfo(ctx.name, _frame_count(container, stream), int(ctx.height), int(ctx.width))
+            return VideoInfo(
+                ctx.codec.canonical_name,  # "av1", where the decoder's own name may be "libdav1d"
+                _frame_count(container, stream),
+                int(ctx.height),
+                int(ctx.width),
+                profile=ctx.profile or "",
+                pix_fmt=ctx.pix_fmt or "",
+            )
     except _BadClip:
         raise
     except VideoDecodeError as e:  # _check_file: missing, not a file, empty
@@ -178,7 +177,7 @@ class _Prepared:
     caption: str
     box: tuple[float, float, float, float]
     flip: bool
-    inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    inputs: dict[str, list[np.ndarray]] = field(default_factory=dict)  # samples_per_clip arrays per input
 
 
 @dataclass
@@ -197,8 +196,11 @@ class _Clips:
     """What the loader needs from a source: batched-pipeline inputs and a per-clip reference decode.
 
     ``epoch`` arguments default to the source's epoch; the loader passes the epoch it snapshotted when
-    its iterator started, so a batch never mixes two epochs' draws.
+    its iterator started, so a batch never mixes two epochs' draws. ``samples_per_clip`` is how many
+    pipeline samples one clip is (1 for a video file; F for frame shards, one JPEG each).
     """
+
+    samples_per_clip = 1
 
     def __init__(
         self,
@@ -266,7 +268,11 @@ class RawVideoClips(_Clips):
         # Good probes keep their header; permanent failures keep only their message (no exception object
         # and traceback per bad file); transient I/O errors are not kept, so the file is tried again.
         self._probes: dict[Path, VideoInfo | str] = {}
-        self._codec_warned = False
+        # The GPU's compute capability picks NVDEC's limits; None screens against the CPU decoder.
+        self.capability = (
+            tuple(torch.cuda.get_device_capability(self.device_id)) if self.device_id is not None else None
+        )
+        self.screened: dict[Path, str] = {}  # files the decoder's limits rule out, and why
         if self.device_id is None:
             # Fail before training starts when the first files already show the CPU cannot decode them
             # (DALI was asked for on data it cannot decode); a later clip of such a codec is decoded by
@@ -280,6 +286,12 @@ class RawVideoClips(_Clips):
                     continue
                 if codec not in CPU_VIDEO_CODECS:
                     raise DaliUnsupportedError(_unsupported_message(self.entries[j].video, codec))
+
+    def decoder_rejects(self, info: VideoInfo) -> str | None:
+        """Why this device's DALI video decoder cannot decode a clip with this header (None: it can)."""
+        if self.capability is None:
+            return cpu_decoder_rejects(info)
+        return nvdec_rejects(info, self.capability)  # type: ignore[arg-type]
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -307,15 +319,20 @@ class RawVideoClips(_Clips):
         if is_image(entry.video):
             return None
         info = self.probe(j)
-        if self.device_id is None and info.codec not in CPU_VIDEO_CODECS:
-            if not self._codec_warned:
-                self._codec_warned = True
+        if entry.video in self.screened:
+            return None
+        reason = self.decoder_rejects(info)
+        if reason is not None:
+            self.screened[entry.video] = reason
+            if len(self.screened) == 1 or len(self.screened) % _FALLBACK_WARN_EVERY == 0:
                 log.warning(
-                    "%s is %s: clips DALI cannot read here are decoded by PyAV: DALI's CPU decoder has no "
-                    "%s; `miles prepare` makes frame shards",
+                    "%s is %s: %s. Clips DALI cannot decode here are decoded by PyAV from now on, each "
+                    "found before it reaches DALI (%d so far, counted as `screened` in log.jsonl and "
+                    "metrics.json); `miles prepare` makes frame shards that DALI decodes on any device",
                     entry.video,
                     info.codec,
-                    info.codec,
+                    reason,
+                    len(self.screened),
                 )
             return None
         if info.frames <= 0 or info.height <= 0 or info.width <= 0:
@@ -337,7 +354,7 @@ class RawVideoClips(_Clips):
             hflip=self.hflip,
             test_clip=self.test_clip,
         )
-        inputs = {"encoded": data, "frame_ids": np.asarray(plan.frame_ids, dtype=np.int32)}
+        inputs = {"encoded": [data], "frame_ids": [np.asarray(plan.frame_ids, dtype=np.int32)]}
         return _Prepared(j, self.name(j), entry.caption, plan.box, plan.flip, inputs)
 
     def decode_reference(self, j: int, epoch: int | None = None) -> _Decoded:
@@ -375,6 +392,7 @@ class ShardClips(_Clips):
 
     def __init__(self, index: ShardIndex, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.samples_per_clip = self.num_frames
         if len(index) == 0:
             raise ValueError("the DALI loader needs a frame shard index with at least one clip")
         self.index = index
@@ -427,7 +445,7 @@ class ShardClips(_Clips):
                 raise VideoDecodeError(
                     f"{self.name(j)}: stored frame {k} is not a JPEG; rerun `miles prepare`"
                 )
-        inputs = {f"jpeg{k}": np.frombuffer(jpeg, dtype=np.uint8) for k, jpeg in enumerate(data)}
+        inputs = {"jpeg": [np.frombuffer(jpeg, dtype=np.uint8) for jpeg in data]}
         return _Prepared(j, self.name(j), caption, box, flip, inputs)
 
     def decode_reference(self, j: int, epoch: int | None = None) -> _Decoded:
@@ -449,18 +467,29 @@ class ShardClips(_Clips):
 
     def build_pipeline(self, batch_size: int, num_threads: int) -> Any:
         return build_shard_pipeline(
-            batch_size=batch_size,
-            num_frames=self.num_frames,
+            batch_size=batch_size * self.samples_per_clip,
             size=self.size,
             device_id=self.device_id,
             num_threads=num_threads,
         )
 
 
-def _feed_augment(pipe: Any, items: Sequence[_Prepared | _Decoded]) -> None:
-    pipe.feed_input("roi_start", [np.asarray(it.box[:2], dtype=np.float32) for it in items])
-    pipe.feed_input("roi_end", [np.asarray(it.box[2:], dtype=np.float32) for it in items])
-    pipe.feed_input("flip", [np.asarray(int(it.flip), dtype=np.int32) for it in items])
+def _dali_error_summary(error: BaseException) -> str:
+    """The line of a DALI error that says what went wrong (the one after "encountered:"), not its
+    "Critical error in pipeline:" heading."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for k, line in enumerate(lines[:-1]):
+        if line == "encountered:":
+            return lines[k + 1]
+    return lines[0] if lines else type(error).__name__
+
+
+def _feed_augment(pipe: Any, items: Sequence[_Prepared | _Decoded], samples_per_clip: int = 1) -> None:
+    """Each clip's box and flip, once per pipeline sample of the clip."""
+    r = range(samples_per_clip)
+    pipe.feed_input("roi_start", [np.asarray(it.box[:2], dtype=np.float32) for it in items for _ in r])
+    pipe.feed_input("roi_end", [np.asarray(it.box[2:], dtype=np.float32) for it in items for _ in r])
+    pipe.feed_input("flip", [np.asarray(int(it.flip), dtype=np.int32) for it in items for _ in r])
 
 
 def _outputs_to_torch(out: Any, device_id: int | None) -> torch.Tensor:
@@ -515,11 +544,11 @@ class DaliLoader:
         self._frames_pipe: Any = None
         self._lock = threading.Lock()
         # What this loader learnt about clips: bad whatever the draws (substituted up front), and
-        # rejected by the reference decoder after a DALI failure (decoded by it directly from then on).
+        # rejected by DALI (decoded by the reference decoder directly from then on).
         self._known_bad: set[int] = set()
         self._bad_reason: dict[int, str] = {}  # why each known-bad clip failed, for UnreadableDataError
         self._reference_only: set[int] = set()
-        self.fallbacks = 0  # batches DALI rejected, whose clips were decoded one by one
+        self.fallbacks = 0  # clips DALI rejected (each then decoded by PyAV, once found)
 
     @property
     def drop_last(self) -> bool:
@@ -578,32 +607,46 @@ class DaliLoader:
         (out,) = pipe.run()
         return _outputs_to_torch(out, self.dataset.device_id)
 
-    def _run_batched(self, items: Sequence[_Prepared]) -> torch.Tensor | None:
-        """One DALI run over prepared clips; None when DALI rejected the batch (pipeline is rebuilt).
+    def _run_batched(self, items: Sequence[_Prepared]) -> tuple[torch.Tensor | None, str]:
+        """One DALI run over prepared clips: (batch, "") or, when DALI rejected it, (None, its error).
 
-        Out-of-memory errors (torch's or DALI's) propagate: they are not a bad clip.
+        A pipeline that raised cannot run again, so it is dropped and rebuilt on next use. Out-of-memory
+        errors (torch's or DALI's) propagate: they are not a bad clip.
         """
         pipe = self._pipeline()
+        per_clip = self.dataset.samples_per_clip
         try:
             for name in items[0].inputs:
-                pipe.feed_input(name, [it.inputs[name] for it in items])
-            _feed_augment(pipe, items)
+                pipe.feed_input(name, [sample for it in items for sample in it.inputs[name]])
+            _feed_augment(pipe, items, per_clip)
             (out,) = pipe.run()
-            return _outputs_to_torch(out, self.dataset.device_id)
+            batch = _outputs_to_torch(out, self.dataset.device_id)
+            return (batch.unflatten(0, (len(items), per_clip)) if per_clip > 1 else batch), ""
         except RuntimeError as e:
-            self._pipe = None  # a pipeline that raised cannot run again
+            self._pipe = None
             if isinstance(e, torch.OutOfMemoryError) or any(m in str(e).lower() for m in _OOM_MARKERS):
                 raise
-            self.fallbacks += 1
-            if self.fallbacks == 1 or self.fallbacks % _FALLBACK_WARN_EVERY == 0:
-                log.warning(
-                    "DALI rejected %d batch%s so far; their clips were decoded by PyAV one by one (slow); "
-                    "the bad clips found are decoded by PyAV directly from now on. Latest error: %s",
-                    self.fallbacks,
-                    "" if self.fallbacks == 1 else "es",
-                    str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__,
-                )
-            return None
+            return None, _dali_error_summary(e)
+
+    def _rejected(self, item: _Prepared, error: str) -> None:
+        """DALI failed on this clip alone: PyAV decodes it from now on, and the count says so."""
+        self._reference_only.add(item.index)
+        self.fallbacks += 1
+        if self.fallbacks == 1 or self.fallbacks % _FALLBACK_WARN_EVERY == 0:
+            log.warning(
+                "DALI rejected %s (%s); it is decoded by PyAV from now on (%d clip%s so far, counted as "
+                "`fallbacks` in log.jsonl and metrics.json)",
+                item.name,
+                error,
+                self.fallbacks,
+                "" if self.fallbacks == 1 else "s",
+            )
+
+    def decode_counts(self) -> dict[str, int]:
+        """Clips this loader decoded with PyAV instead of DALI: ``screened`` by the decoder's limits before
+        DALI saw them, and ``fallbacks`` that DALI rejected (each counted once, then remembered)."""
+        screened = getattr(self.dataset, "screened", {})
+        return {"screened": len(screened), "fallbacks": self.fallbacks}
 
     def _first_good(
         self, i: int, skipped: list[str], epoch: int, decode: bool
@@ -653,23 +696,27 @@ class DaliLoader:
         batched = [k for k, s in enumerate(slots) if isinstance(s, _Prepared)]
         parts: list[tuple[list[int], torch.Tensor]] = []
         if batched:
-            out = self._run_batched([slots[k] for k in batched])  # type: ignore[misc]
+            out, error = self._run_batched([slots[k] for k in batched])  # type: ignore[misc]
             if out is not None:
                 parts.append((batched, out))
             else:
-                # Per clip, the reference decoder decides which clip of the batch is bad.
+                # DALI fails a batch for one clip: run each clip alone to find which, so only that clip
+                # goes to PyAV, in this epoch and every later one.
                 for k in batched:
-                    bad = slots[k]
-                    try:
-                        slots[k] = self.dataset.decode_reference(bad.index, epoch)  # type: ignore[union-attr]
+                    item: _Prepared = slots[k]  # type: ignore[assignment]
+                    one, error = self._run_batched([item]) if len(batched) > 1 else (None, error)
+                    if one is not None:
+                        parts.append(([k], one))
+                        continue
+                    self._rejected(item, error)
+                    try:  # the reference decoder decides whether the clip is bad
+                        slots[k] = self.dataset.decode_reference(item.index, epoch)
                     except VideoDecodeError as e:
                         log.debug("skipping bad clip: %s", e)
                         if isinstance(e, _BadClip):
-                            self._mark_bad(bad.index, e)  # type: ignore[union-attr]
-                        else:
-                            self._reference_only.add(bad.index)  # type: ignore[union-attr]
-                        skipped.append(bad.name)  # type: ignore[union-attr]
-                        nxt = (bad.index + 1) % len(self.dataset)  # type: ignore[union-attr]
+                            self._mark_bad(item.index, e)
+                        skipped.append(item.name)
+                        nxt = (item.index + 1) % len(self.dataset)
                         slots[k] = (
                             self._first_good(nxt, skipped, epoch, decode=True) if self.dataset.train else None
                         )
@@ -752,8 +799,10 @@ def dali_support(
 ) -> tuple[bool, str]:
     """Whether DALI can decode this data on ``device``, and why, in one line (for ``data.backend=auto``).
 
-    Frame shards: always. Raw videos: on a GPU always; on the CPU only when every probed file (up to 64,
-    spread over the manifest; unreadable ones are left to the bad-clip handling) is VP8, VP9 or MJPEG.
+    Frame shards: always. Raw videos: up to 64 files, spread over the manifest, are probed and screened
+    against this device's decoder (:mod:`data_dali.codecs`); unreadable ones are left to the bad-clip
+    handling. On the CPU every probed file must be VP8, VP9 or MJPEG. On a GPU, DALI is used when NVDEC
+    decodes at least one probed file; the line says how many go to PyAV instead, and why.
     """
     try:
         device_id = resolve_device_id(device)
@@ -765,23 +814,39 @@ def dali_support(
     entries = [e for e in source if not is_image(e.video)]
     if not entries:
         return True, f"DALI on {where}: image manifest, images decoded by PIL, augmented by DALI"
-    if device_id is not None:
-        images = len(source) - len(entries)
-        return True, f"DALI on {where}: raw videos decoded by NVDEC" + (
-            f", {images} images by PIL" if images else ""
-        )
     picks = sorted(
         {round(k * (len(entries) - 1) / max(1, _SUPPORT_PROBES - 1)) for k in range(_SUPPORT_PROBES)}
     )
+    capability = tuple(torch.cuda.get_device_capability(device_id)) if device_id is not None else None
     codecs: set[str] = set()
+    screened: list[tuple[Path, str]] = []
     for k in picks:
         try:
             info = probe_video(entries[k].video)
         except VideoDecodeError:
             continue
-        if info.codec not in CPU_VIDEO_CODECS:
-            return False, f"DALI not used: {_unsupported_message(entries[k].video, info.codec)}"
+        if capability is None:
+            if info.codec not in CPU_VIDEO_CODECS:
+                return False, f"DALI not used: {_unsupported_message(entries[k].video, info.codec)}"
+        elif (reason := nvdec_rejects(info, capability)) is not None:  # type: ignore[arg-type]
+            screened.append((entries[k].video, reason))
+            continue
         codecs.add(info.codec)
     if not codecs:
+        if screened:
+            path, reason = screened[0]
+            return False, f"DALI not used: no probed video decodes on {where} ({path}: {reason})"
         return False, "DALI not used: none of the probed videos could be opened"
-    return True, f"DALI on CPU: raw {'/'.join(sorted(codecs))} videos ({len(picks)} probed)"
+    what = f"raw {'/'.join(sorted(codecs))} videos"
+    if capability is None:
+        return True, f"DALI on CPU: {what} ({len(picks)} probed)"
+    line = f"DALI on {where}: {what} decoded by NVDEC"
+    images = len(source) - len(entries)
+    if images:
+        line += f", {images} images by PIL"
+    if screened:
+        path, reason = screened[0]
+        line += (
+            f"; {len(screened)} of {len(picks)} probed are decoded by PyAV instead (e.g. {path}: {reason})"
+        )
+    return True, line

