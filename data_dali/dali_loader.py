@@ -327,8 +327,8 @@ class RawVideoClips(_Clips):
             if len(self.screened) == 1 or len(self.screened) % _FALLBACK_WARN_EVERY == 0:
                 log.warning(
                     "%s is %s: %s. Clips DALI cannot decode here are decoded by PyAV from now on, each "
-                    "found before it reaches DALI (%d so far, counted as `screened` in log.jsonl and "
-                    "metrics.json); `miles prepare` makes frame shards that DALI decodes on any device",
+                    "found before it reaches DALI (%d so far, counted as `dali_screened` in log.jsonl "
+                    "and metrics.json); `miles prepare` makes frame shards that DALI decodes on any device",
                     entry.video,
                     info.codec,
                     reason,
@@ -635,7 +635,7 @@ class DaliLoader:
         if self.fallbacks == 1 or self.fallbacks % _FALLBACK_WARN_EVERY == 0:
             log.warning(
                 "DALI rejected %s (%s); it is decoded by PyAV from now on (%d clip%s so far, counted as "
-                "`fallbacks` in log.jsonl and metrics.json)",
+                "`dali_fallbacks` in log.jsonl and metrics.json)",
                 item.name,
                 error,
                 self.fallbacks,
@@ -643,10 +643,10 @@ class DaliLoader:
             )
 
     def decode_counts(self) -> dict[str, int]:
-        """Clips this loader decoded with PyAV instead of DALI: ``screened`` by the decoder's limits before
-        DALI saw them, and ``fallbacks`` that DALI rejected (each counted once, then remembered)."""
+        """Clips this loader decoded with PyAV instead of DALI: ``dali_screened`` by the decoder's limits
+        before DALI saw them, ``dali_fallbacks`` rejected by DALI (each counted once, then remembered)."""
         screened = getattr(self.dataset, "screened", {})
-        return {"screened": len(screened), "fallbacks": self.fallbacks}
+        return {"dali_screened": len(screened), "dali_fallbacks": self.fallbacks}
 
     def _first_good(
         self, i: int, skipped: list[str], epoch: int, decode: bool

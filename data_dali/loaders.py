@@ -22,6 +22,8 @@ __all__ = [
     "DataSource",
     "build_loader",
     "data_fingerprint",
+    "decode_counts",
+    "sum_counts",
     "first_readable",
     "open_source",
     "resolve_data_backend",
@@ -91,6 +93,22 @@ def build_loader(
 
         return build_reference_loader(source, tokenizer, **kwargs)
     raise ValueError(f"unknown data backend {backend!r}; expected 'dali' or 'reference'")
+
+
+def decode_counts(loader: Any) -> dict[str, int]:
+    """Clips a loader decoded with PyAV instead of DALI (``dali_screened``, ``dali_fallbacks``); empty for
+    the reference loader, which decodes everything with PyAV by design."""
+    counts = getattr(loader, "decode_counts", None)
+    return dict(counts()) if callable(counts) else {}
+
+
+def sum_counts(per_rank: list[dict[str, int]]) -> dict[str, int]:
+    """Every rank's decode counts, added up key by key."""
+    total: dict[str, int] = {}
+    for counts in per_rank:
+        for key, value in counts.items():
+            total[key] = total.get(key, 0) + value
+    return total
 
 
 def data_fingerprint(path: str | Path) -> dict[str, str]:

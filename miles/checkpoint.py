@@ -33,7 +33,6 @@ PATTERN = re.compile(r"step_(\d+)\.pt$")
 _NUMPY_RNG_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
-
 class PickledRecord:
     """An object that a released trainer pickled, kept as its attributes (`fields`) and nothing more.
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data_dali.loaders import DataSource, build_loader, resolve_data_backend
+from data_dali.loaders import DataSource, build_loader, decode_counts, resolve_data_backend, sum_counts
 from data_dali.manifest import ManifestEntry
 from data_dali.shards import ShardIndex
 from miles.config import Config
@@ -91,11 +91,13 @@ def embed_videos(
     progress: bool = True,
     backend: str = "reference",
     test_clip: tuple[int, int] = (0, 1),
+    counts: dict[str, int] | None = None,
 ) -> tuple[torch.Tensor, list[int], list[str]]:
     """(embeddings of the readable videos, their indices into `videos`, paths that could not be read).
 
     With several ranks each embeds its share (the sampler's split) and every rank gets all of them,
-    in index order, so the ranking that follows is the single-process one."""
+    in index order, so the ranking that follows is the single-process one. `counts`, when given, gains
+    the loader's decode counts over all ranks (clips DALI left to PyAV)."""
     loader = build_loader(
         backend,
         videos,
@@ -122,6 +124,9 @@ def embed_videos(
         embeddings.append(F.normalize(emb.float(), dim=-1).cpu())
         kept.extend(batch["index"].tolist())
     torch.set_rng_state(rng)
+    if counts is not None:
+        for key, value in sum_counts(all_gather_objects(decode_counts(loader))).items():
+            counts[key] = counts.get(key, 0) + value
     local = torch.cat(embeddings) if embeddings else torch.empty(0)
     by_index: dict[int, torch.Tensor] = {}
     bad: set[str] = set()
@@ -144,11 +149,14 @@ def embed_clips(
     device: torch.device,
     progress: bool,
     backend: str,
+    counts: dict[str, int] | None = None,
 ) -> tuple[torch.Tensor, list[int], list[str]]:
     """`embed_videos` over `eval.num_clips` test clips per video: the mean of their unit embeddings,
     normalised again (a video unreadable in any clip is left out)."""
     clips = cfg.eval.num_clips
-    passes = [embed_videos(model, videos, cfg, device, progress, backend, (k, clips)) for k in range(clips)]
+    passes = [
+        embed_videos(model, videos, cfg, device, progress, backend, (k, clips), counts) for k in range(clips)
+    ]
     if clips == 1:
         return passes[0]
     common = sorted(set.intersection(*(set(kept) for _, kept, _ in passes)))
@@ -223,7 +231,8 @@ def evaluate(
     was_training = model.training
     model.eval()
     data = EvalSet.from_source(source)
-    video_emb, kept, skipped = embed_clips(model, data.videos, cfg, device, progress, backend)
+    counts: dict[str, int] = {}
+    video_emb, kept, skipped = embed_clips(model, data.videos, cfg, device, progress, backend, counts)
     position = {v: i for i, v in enumerate(kept)}
     caption_ids = [i for i, v in enumerate(data.caption_to_video) if v in position]
     protocol = protocol_settings(cfg, model)
@@ -255,6 +264,7 @@ def evaluate(
         num_classes = len(classes)
     result["chance"] = chance_levels(len(kept), len(caption_ids), num_classes)
     result["data_backend"] = backend
+    result["decode_counts"] = counts  # clips DALI left to PyAV (empty for the reference loader)
     result["skipped_videos"] = len(skipped)
     result["skipped_paths"] = skipped
     model.train(was_training)

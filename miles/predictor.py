@@ -53,9 +53,7 @@ class MaskedFeaturePredictor(nn.Module):
         `frame_mask [B, F]` (True = real frame) hides padded frames from the temporal and CLS attention.
         """
         y = self.embed(features.patches)
-        grid = ops.restore_tokens(
-            y, visible, self.mask_token, self.pos_embed, self.temporal_embed, impl=impl
-        )
+        grid = ops.restore_tokens(y, visible, self.mask_token, self.pos_embed, self.temporal_embed, impl=impl)
         b, f = grid.shape[:2]
         x = torch.cat([self.embed(features.cls)[:, None], grid.flatten(1, 2)], dim=1)
         for blk in self.blocks:

@@ -269,6 +269,9 @@ def run_pretraining(
             "attention_backend": attention.backend,
             "data_backend": data_backend,
             "eval_data_backend": trained["data_backend"],
+            # clips the DALI loaders decoded with PyAV instead (screened by the decoder's limits, or
+            # rejected by DALI), summed over ranks; empty for the reference loader
+            "decode_counts": {"train": summary["decode_counts"], "val": trained.get("decode_counts", {})},
             "protocol": trained["protocol"],
             "num_clips": trained["num_clips"],
             "dsl": trained.get("dsl"),

@@ -29,7 +29,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data_dali.loaders import DataSource, build_loader, data_fingerprint
+from data_dali.loaders import DataSource, build_loader, data_fingerprint, decode_counts, sum_counts
 from data_dali.reference_loader import set_loader_epoch
 from miles import checkpoint as ckpt
 from miles.checkpoint import CheckpointError
@@ -648,6 +648,7 @@ class Trainer:
             "clips": clips * self.dist.world_size,
             "skipped_update": 0.0 if finite else 1.0,
             "data_wait_s": data_wait,  # this rank's time blocked on the loader in this step
+            **decode_counts(self.loader),  # this rank's clips decoded by PyAV instead of DALI, so far
             "stop": stop,
         }
 
@@ -747,6 +748,7 @@ class Trainer:
             "clips_per_s": clips_done / max(step_seconds, 1e-9),
             "final": last,
             "skipped_videos": sorted(set().union(*all_gather_objects(self.state.skipped))),
+            "decode_counts": sum_counts(all_gather_objects(decode_counts(self.loader))),
             "best": asdict(self.best) if self.best.value is not None else None,
             "early_stopped": self.best.stopped_early,
         }

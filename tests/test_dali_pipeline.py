@@ -545,7 +545,7 @@ def test_gpu_shard_loader_matches_cpu(shard_index: ShardIndex, tokenizer: Any) -
         assert b["video"].is_cuda and torch.equal(a["index"], b["index"])
         diff = np.abs(_to_pixels(a["video"].numpy()) - _to_pixels(b["video"].cpu().numpy()))
         assert diff.mean() < 0.5
-    assert gpu.decode_counts() == {"screened": 0, "fallbacks": 0}
+    assert gpu.decode_counts() == {"dali_screened": 0, "dali_fallbacks": 0}
 
 
 def test_loader_images_tiled_like_reference(
@@ -611,7 +611,7 @@ def test_fallback_warns_counts_and_remembers_bad_clips(
         assert torch.equal(a["index"], b["index"]) and a["skipped"] == b["skipped"] == [str(truncated)]
         assert np.abs(_to_pixels(a["video"].numpy()) - _to_pixels(b["video"].numpy())).mean() < 2.0
     assert dali.fallbacks == 1  # epochs 1 and 2 did not send the truncated clip to DALI again
-    assert dali.decode_counts() == {"screened": 0, "fallbacks": 1}
+    assert dali.decode_counts() == {"dali_screened": 0, "dali_fallbacks": 1}
     assert dali._reference_only == {3}  # only the culprit, not its batch mates, goes to PyAV
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and f"DALI rejected {truncated} (" in warnings[0]
@@ -917,7 +917,7 @@ def test_rejected_clip_goes_to_pyav_alone_and_stays_there(
             assert np.abs(_to_pixels(a["video"].numpy()) - _to_pixels(b["video"].numpy())).mean() < 2.0
     # epoch 0: the batch [0, 1, 2] fails, then each clip alone; afterwards clip 2 never reaches DALI
     assert fed == [3, 1, 1, 1, 3] + [2, 3] * 2
-    assert dali.decode_counts() == {"screened": 0, "fallbacks": 1}
+    assert dali.decode_counts() == {"dali_screened": 0, "dali_fallbacks": 1}
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert (
         len(warnings) == 1 and f"DALI rejected {entries[2].video} (CUVID_ERROR: unsupported)" in warnings[0]
@@ -943,7 +943,7 @@ def _gpu_batches_match_reference(entries: list[ManifestEntry], tokenizer: Any) -
 def test_gpu_loader_decodes_h264_and_vp9_with_nvdec(nvdec_clips: dict[str, Path], tokenizer: Any) -> None:
     """H.264 and VP9 at 160x128 are decoded by NVDEC: no clip screened, no clip falls back to PyAV."""
     entries = [ManifestEntry(nvdec_clips[n], f"{n} clip {k}") for k in range(2) for n in ("h264", "vp9")]
-    assert _gpu_batches_match_reference(entries, tokenizer) == {"screened": 0, "fallbacks": 0}
+    assert _gpu_batches_match_reference(entries, tokenizer) == {"dali_screened": 0, "dali_fallbacks": 0}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="NVDEC needs a CUDA GPU")
@@ -955,4 +955,4 @@ def test_gpu_loader_screens_av1_where_nvdec_has_none(nvdec_clips: dict[str, Path
     entries = [ManifestEntry(nvdec_clips[n], f"{n} clip {k}") for k in range(2) for n in ("av1", "h264")]
     counts = _gpu_batches_match_reference(entries, tokenizer)
     no_av1 = nvdec_generation(torch.cuda.get_device_capability()) == "turing_ga100_hopper"
-    assert counts == {"screened": 1 if no_av1 else 0, "fallbacks": 0}
+    assert counts == {"dali_screened": 1 if no_av1 else 0, "dali_fallbacks": 0}

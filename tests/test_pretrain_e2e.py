@@ -116,9 +116,11 @@ def test_resume_after_kill_reproduceslogged_losses(
         assert torch.equal(value, b["model"][key]), key
     for key, value in a["snapshot"].items():
         assert torch.equal(value, b["snapshot"][key]), key
-    assert json.loads((full / "metrics.json").read_text())["data_backend"] == (
-        "dali" if source == "shards" else "reference"  # auto on a CPU: DALI cannot decode H.264 here
-    )
+    metrics = json.loads((full / "metrics.json").read_text())
+    # auto on a CPU: DALI cannot decode H.264 here; PyAV decodes everything, so nothing is counted
+    assert metrics["data_backend"] == ("dali" if source == "shards" else "reference")
+    if source != "shards":
+        assert metrics["decode_counts"] == {"train": {}, "val": {}}
 
 
 def test_frame_shards_train_and_evaluate_with_dali(
@@ -131,6 +133,11 @@ def test_frame_shards_train_and_evaluate_with_dali(
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["data_backend"] == metrics["eval_data_backend"] == "dali"
     assert metrics["skipped_videos"] == 0
+    clean = {"dali_screened": 0, "dali_fallbacks": 0}  # every clip decoded by DALI, none by PyAV
+    assert metrics["decode_counts"] == {"train": clean, "val": clean}
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert steps and all(r["dali_screened"] == r["dali_fallbacks"] == 0 for r in steps)
     assert metrics["chance"]["R1"] == pytest.approx(100 / 12)  # all 12 validation clips, from shards
     assert metrics["chance"]["top1"] == pytest.approx(100 / 7)  # labels travel through the shards
     ckpt = sorted((run / "checkpoints").glob("step_*.pt"))[-1]
