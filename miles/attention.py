@@ -10,7 +10,9 @@ Backends (`attend`): `xformers` (`memory_efficient_attention`, CUDA only), `sdpa
 fast paths are tested against). All take the xformers layout `[sequences, length, heads, head_dim]`, so
 per-head projections are views and each attention direction is one large batched call: CLS as one call
 over B sequences, time as one over B*K, space as one over B*F. `auto` picks xformers where it runs
-(CUDA and its kernels load; probed once per device with a real call) and sdpa otherwise.
+(CUDA, a wheel built for this torch, and at least one of the model's call patterns served: each pattern
+of dtype, frame bias and backward is probed once per device with a real call). A pattern xformers cannot
+serve runs on SDPA from the start, never as a failure mid-run; sdpa everywhere else.
 
 Variable frame counts: an optional `frame_mask [B, F]` (True = real frame) removes padded frames as keys
 of the temporal and CLS attention. The CLS key is always valid, so no query ever sees only masked keys.
@@ -81,12 +83,68 @@ def xformers_build_mismatch() -> str | None:
     )
 
 
+@dataclass(frozen=True)
+class CallPattern:
+    """One kind of attention call the model makes: what a kernel's dispatch depends on."""
+
+    dtype: torch.dtype
+    frame_bias: bool  # a key mask (padded frames) as an additive bias
+    backward: bool  # the gradient is taken (training)
+
+    def describe(self) -> str:
+        name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(self.dtype, "?")
+        return f"{name}{' + frame bias' if self.frame_bias else ''} {'fwd+bwd' if self.backward else 'fwd'}"
+
+
+# What the model calls: bf16 under autocast and fp32 (evaluation, train.precision=fp32), with and without
+# the frame bias, forward alone (evaluation, the snapshot) and with its backward (training).
+MODEL_PATTERNS = tuple(
+    CallPattern(dtype, bias, backward)
+    for dtype in (torch.bfloat16, torch.float32)
+    for bias in (False, True)
+    for backward in (False, True)
+)
+# Patterns xformers serves on each probed device; the others go to SDPA (decided before any work).
+_XFORMERS_SERVES: dict[torch.device, frozenset[CallPattern]] = {}
+
+
+def _probe_pattern(pattern: CallPattern, device: torch.device) -> str | None:
+    """Run one pattern through our own xformers call at ViT-B's head size; None if it works, else why."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    # 2 sequences, 12 heads of 64, 13 keys: a key length that is not a multiple of 8, as the model's are
+    q, k, v = (torch.randn(2, 13, 12, 64, generator=gen).to(device, pattern.dtype) for _ in range(3))
+    mask = torch.ones(2, 13, dtype=torch.bool, device=device) if pattern.frame_bias else None
+    if mask is not None:
+        mask[1, 7:] = False
+    try:
+        if pattern.backward:
+            q.requires_grad_(True)
+            _xformers(q, k, v, 0.0, mask).float().sum().backward()
+        else:
+            with torch.no_grad():
+                _xformers(q, k, v, 0.0, mask)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except Exception as exc:  # NotImplementedError (no kernel for these inputs), CUDA errors
+        return f"{type(exc).__name__}: {next(iter(str(exc).splitlines()), '')}"
+    return None
+
+
+def probe_xformers_patterns(device: torch.device) -> dict[CallPattern, str | None]:
+    """Each of the model's call patterns run once through xformers on `device`: None where it works,
+    the error's first line where it does not. What works is recorded for `attend`'s dispatch."""
+    results = {pattern: _probe_pattern(pattern, device) for pattern in MODEL_PATTERNS}
+    _XFORMERS_SERVES[device] = frozenset(p for p, why in results.items() if why is None)
+    return results
+
+
 @functools.cache
 def probe_xformers(device: torch.device) -> tuple[bool, str]:
-    """(True, "CUDA + xformers <version>") if memory_efficient_attention runs on `device`, else (False, why).
+    """(True, what runs) if xformers serves at least one of the model's call patterns on `device`, else
+    (False, why). The patterns it cannot serve are named: they run on SDPA, decided here, never mid-run.
 
     A successful import is not enough (a wheel built for another torch imports but has no kernels), so
-    on CUDA this runs one tiny attention call; the answer is cached per device.
+    on CUDA every pattern runs once; the answer is cached per device.
     """
     if device.type != "cuda":
         return False, f"xformers has no CPU kernels, device is {device}"
@@ -95,15 +153,18 @@ def probe_xformers(device: torch.device) -> tuple[bool, str]:
         return False, f"xformers unavailable on {device}: {mismatch}"
     try:
         import xformers
-        import xformers.ops as xops
-
-        probe = torch.randn(1, 8, 1, 64, device=device, dtype=torch.float16)
-        xops.memory_efficient_attention(probe, probe, probe)
-        torch.cuda.synchronize(device)
-    except Exception as exc:  # ImportError, missing CUDA extension (NotImplementedError), driver errors
-        first_line = next(iter(str(exc).splitlines()), "")
-        return False, f"xformers unavailable on {device}: {type(exc).__name__}: {first_line}"
-    return True, f"CUDA + xformers {xformers.__version__}"
+        import xformers.ops  # noqa: F401
+    except Exception as exc:  # ImportError, a broken extension
+        return False, f"xformers unavailable on {device}: {type(exc).__name__}: {exc}"
+    results = probe_xformers_patterns(device)
+    failed = {p: why for p, why in results.items() if why is not None}
+    if len(failed) == len(results):
+        return False, f"xformers unavailable on {device}: {next(iter(failed.values()))}"
+    detail = f"CUDA + xformers {xformers.__version__}"
+    if failed:
+        names = ", ".join(p.describe() for p in failed)
+        detail += f"; SDPA serves the calls xformers cannot ({names}: {next(iter(failed.values()))})"
+    return True, detail
 
 
 def resolve_attention(name: str, device: torch.device | str) -> AttentionChoice:
@@ -181,7 +242,19 @@ def _xformers(
     return xops.memory_efficient_attention(q, k, v, attn_bias=bias, p=dropout_p)
 
 
-_KERNELS = {"reference": _reference, "sdpa": _sdpa, "xformers": _xformers}
+def _xformers_or_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, key_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """xformers for the call patterns its probe served on this device, SDPA for the others."""
+    if q.device not in _XFORMERS_SERVES:
+        probe_xformers_patterns(q.device)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if CallPattern(q.dtype, key_mask is not None, grad) in _XFORMERS_SERVES[q.device]:
+        return _xformers(q, k, v, dropout_p, key_mask)
+    return _sdpa(q, k, v, dropout_p, key_mask)
+
+
+_KERNELS = {"reference": _reference, "sdpa": _sdpa, "xformers": _xformers_or_sdpa}
 
 
 def attend(
