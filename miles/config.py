@@ -39,6 +39,9 @@ class DataConfig:
     demo_kind: str = "pretrain"  # the demo set generate_demo writes: pretrain | downstream | relational
     demo_train: int = 1200
     demo_val: int = 200
+    # Frame shards of the generated demo, prepared once beside it (root/shards) with `miles prepare`, so
+    # the demo trains and evaluates on DALI's fast path; ignored with data.backend=reference.
+    demo_shards: bool = False
     video_column: str = "video"
     caption_column: str = "caption"
     label_column: str = "label"

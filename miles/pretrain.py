@@ -15,7 +15,7 @@ import torch
 from data_dali.demo import write_demo_dataset
 from data_dali.loaders import DataSource, first_readable, open_source, resolve_data_backend
 from data_dali.manifest import DEFAULT_LABEL_COLUMN
-from data_dali.shards import is_shard_dir
+from data_dali.shards import is_shard_dir, prepare_shards
 from miles import checkpoint as ckpt
 from miles.attention import resolve_attention, set_attention_backend
 from miles.config import Config, ConfigError, best_metric_terms, check_data_files
@@ -50,6 +50,42 @@ def ensure_data(cfg: Config, main: bool) -> None:
     for p in (d.train_manifest, d.val_manifest):
         if not _exists(p):
             raise ConfigError(f"manifest {p} is still missing after demo generation; check data.root")
+    if d.generate_demo and d.demo_shards and d.backend != "reference":
+        use_demo_shards(cfg, main)
+
+
+def use_demo_shards(cfg: Config, main: bool) -> None:
+    """Point the data keys at frame shards of the demo manifests (prepared on first use, resumed if a
+    preparation was interrupted), so the demo runs DALI's fast path; data.backend=reference keeps PyAV."""
+    d = cfg.data
+    shards = Path(d.root) / "shards"
+    targets = {}
+    for key in ("train_manifest", "val_manifest"):
+        manifest = Path(getattr(d, key))
+        if is_shard_dir(manifest):
+            continue
+        targets[key] = (manifest, shards / ("train" if key == "train_manifest" else "val"))
+    if main:
+        for manifest, out in targets.values():
+            start = time.perf_counter()
+            report = prepare_shards(manifest, out, workers=max(1, d.num_workers), progress=False)
+            if report.clips > report.resumed_clips:
+                log.info(
+                    "demo: %d clips of %s prepared as frame shards in %s (%.0f s, once)",
+                    report.clips - report.resumed_clips,
+                    manifest,
+                    out,
+                    time.perf_counter() - start,
+                )
+    barrier()
+    for key, (_, out) in targets.items():
+        setattr(d, key, str(out))
+    if targets:
+        log.info(
+            "demo: training and evaluating from frame shards in %s (DALI); data.backend=reference reads "
+            "the videos with PyAV instead",
+            shards,
+        )
 
 
 def _read(cfg: Config, path: str, labelled: bool = False) -> DataSource:

@@ -294,3 +294,39 @@ def test_drop_mode_training_learns_on_demo_data(tmp_path: Path) -> None:
     assert metrics["mvm_mode"] == "drop" and metrics["chance"]["R1"] == pytest.approx(1.0)
     assert metrics["t2v"]["R1"] >= 5.0  # five times chance; measured 11.5
     assert metrics["t2v"]["R10"] >= 40.0  # four times chance; measured 85.5
+
+
+def test_demo_trains_from_frame_shards_with_dali_and_reference_stays_one_key_away(
+    tmp_path: Path, tiny_text_args: list[str]
+) -> None:
+    """The demo preset prepares frame shards of the generated demo once and trains and evaluates from them
+    with DALI; data.backend=reference trains from the videos with PyAV; a second run prepares nothing."""
+    data = tmp_path / "demo"
+    common = [
+        "--preset",
+        "demo",
+        f"data.root={data}",
+        f"data.train_manifest={data / 'train.csv'}",
+        f"data.val_manifest={data / 'val.csv'}",
+        f"data.classes={data / 'classes.txt'}",
+        "data.demo_train=40",
+        "data.demo_val=12",
+        "train.batch_size=8",
+        "train.max_steps=2",
+        "eval.before_training=false",
+        *tiny_text_args,
+    ]
+    fast = run_miles("pretrain", "--out", str(tmp_path / "fast"), *common)
+    assert "demo: 40 clips of" in fast.stderr and "demo: 12 clips of" in fast.stderr
+    assert "training data: DALI on CPU: frame shards (40 clips)" in fast.stderr
+    metrics = json.loads((tmp_path / "fast" / "metrics.json").read_text())
+    assert metrics["data_backend"] == metrics["eval_data_backend"] == "dali"
+    assert metrics["chance"]["R1"] == pytest.approx(100 / 12)
+    saved = (tmp_path / "fast" / "config.yaml").read_text()
+    assert f"train_manifest: {data / 'shards' / 'train'}" in saved
+    again = run_miles("pretrain", "--out", str(tmp_path / "again"), *common)
+    assert "prepared as frame shards" not in again.stderr and "from frame shards in" in again.stderr
+    reference = run_miles("pretrain", "--out", str(tmp_path / "ref"), *common, "data.backend=reference")
+    assert "frame shards" not in reference.stderr
+    metrics = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+    assert metrics["data_backend"] == metrics["eval_data_backend"] == "reference"
