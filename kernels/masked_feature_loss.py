@@ -59,9 +59,7 @@ def _check_grid(pred: torch.Tensor, target: torch.Tensor, hidden: torch.Tensor) 
     if hidden.dim() != 2 or hidden.shape[0] != pred.shape[0]:
         raise ValueError(f"hidden must be [B={pred.shape[0]}, M] positions, got {tuple(hidden.shape)}")
     if hidden.dtype not in (torch.int32, torch.int64):
-        raise ValueError(
-            f"hidden must be an integer index tensor (ops.hidden_indices), got {hidden.dtype}"
-        )
+        raise ValueError(f"hidden must be an integer index tensor (ops.hidden_indices), got {hidden.dtype}")
 
 
 def gather_hidden(x: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

@@ -117,8 +117,17 @@ def release_config_parser(layout: str, save_root: str = "/data/exps") -> object:
     name, stamp = config.get("name", "run"), "0315_101502"
     if dist:
         parser.args = argparse.Namespace(
-            config="configs/pretrain.json", resume=None, device=None, observe=False, launcher="pytorch",
-            local_rank=0, master_address="127.0.0.1", master_port=29500, world_size=8, rank=0, lr=None,
+            config="configs/pretrain.json",
+            resume=None,
+            device=None,
+            observe=False,
+            launcher="pytorch",
+            local_rank=0,
+            master_address="127.0.0.1",
+            master_port=29500,
+            world_size=8,
+            rank=0,
+            lr=None,
             bs=None,
         )
     parser.cfg_fname = PosixPath("configs/pretrain.json")

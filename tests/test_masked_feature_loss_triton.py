@@ -49,9 +49,7 @@ def _check_against_reference(
     upstream: float = 1.7,
 ) -> torch.Tensor:
     """Loss and pred gradient (upstream gradient not 1) through the kernel and through the reference."""
-    got = ops.masked_feature_loss(
-        pred, target, hidden, kind=kind, normalize_target=normalize, impl="triton"
-    )
+    got = ops.masked_feature_loss(pred, target, hidden, kind=kind, normalize_target=normalize, impl="triton")
     want = masked_feature_loss_reference(pred, target, hidden, kind=kind, normalize_target=normalize)
     assert got.shape == () and got.dtype == want.dtype == torch.float32
     assert torch.isfinite(got)

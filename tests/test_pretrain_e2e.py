@@ -24,8 +24,14 @@ def test_smoke_run_end_to_end(smoke_data: Path, tmp_path: Path) -> None:
     Hugging Face's `kernels`, which transformers imports, must not be confused with ours)."""
     run = tmp_path / "run"
     proc = run_miles(
-        "pretrain", "--preset", "smoke", "--out", "run", *data_overrides(smoke_data),
-        cwd=tmp_path, installed=True,
+        "pretrain",
+        "--preset",
+        "smoke",
+        "--out",
+        "run",
+        *data_overrides(smoke_data),
+        cwd=tmp_path,
+        installed=True,
     )
     assert "t2v R1" in proc.stdout
     metrics = json.loads((run / "metrics.json").read_text())

@@ -503,8 +503,15 @@ def test_the_first_hour_msrvtt_eval_and_finetune_from_miles_pth(released: dict, 
     assert got["t2v"] == want["t2v"] and got["v2t"] == want["v2t"]
 
     data = {"train": train_csv, "val": test_csv, "text_model": str(released["text"])}
-    overrides = [*heads, "data.num_frames=4", "train.max_steps=4", "train.eval_every=2",
-                 "train.checkpoint_every=2", "eval.before_training=false", "train.threads=1"]
+    overrides = [
+        *heads,
+        "data.num_frames=4",
+        "train.max_steps=4",
+        "train.eval_every=2",
+        "train.checkpoint_every=2",
+        "eval.before_training=false",
+        "train.threads=1",
+    ]
     threads = torch.get_num_threads()
 
     def config(*extra: str):
