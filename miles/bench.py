@@ -375,7 +375,10 @@ def _rows(runs: _Runs) -> tuple[list[ReportRow], list[_Timing], list[_Timing]]:
     for t in runs.timings.values():
         by_case.setdefault((t.case, t.machine), {}).setdefault(t.path, []).append(t)
     yardsticks = {(t.case, t.machine): t for t in runs.timings.values() if t.path == "yardstick"}
-    peers = {(t.case, t.machine): t for t in runs.timings.values() if t.path == "peer"}
+    peers: dict[tuple[str, str], list[_Timing]] = {}
+    for t in sorted(runs.timings.values(), key=lambda t: t.label):
+        if t.path == "peer":
+            peers.setdefault((t.case, t.machine), []).append(t)
     limits = _machine_peaks(runs)
     rows, unpaired = [], []
     for case, machine in sorted(by_case):
@@ -402,7 +405,7 @@ def _rows(runs: _Runs) -> tuple[list[ReportRow], list[_Timing], list[_Timing]]:
                     reference=_fmt_timing(ref, yardsticks) if ref else "missing (see skipped / failed)",
                     fast=_fmt_timing(fast, yardsticks) if fast else "not run (see skipped / failed)",
                     speedup=ref.median_s / fast.median_s if ref and fast else None,
-                    peer=_fmt_peer(peers.get((case, machine)), ref, fast),
+                    peer=_fmt_peers(peers.get((case, machine), []), ref, fast),
                     achieved=achieved,
                     percent=percent,
                     limit=limit,
@@ -414,12 +417,15 @@ def _rows(runs: _Runs) -> tuple[list[ReportRow], list[_Timing], list[_Timing]]:
     return rows, sorted(yardsticks.values(), key=lambda t: t.case), unpaired
 
 
-def _fmt_peer(peer: _Timing | None, ref: _Timing | None, fast: _Timing | None) -> str:
-    """The peer's time and how many times faster our reference and fast paths are than it."""
-    if peer is None:
+def _fmt_peers(peers: list[_Timing], ref: _Timing | None, fast: _Timing | None) -> str:
+    """Each peer's time and how many times faster our reference and fast paths are than it."""
+    if not peers:
         return "–"
-    ratios = [f"{peer.median_s / ours.median_s:.2f}x" if ours else "–" for ours in (ref, fast)]
-    return f"{peer.label}: {_fmt_timing(peer, {})}; {' / '.join(ratios)}"
+    cells = []
+    for peer in peers:
+        ratios = [f"{peer.median_s / ours.median_s:.2f}x" if ours else "–" for ours in (ref, fast)]
+        cells.append(f"{peer.label}: {_fmt_timing(peer, {})}; {' / '.join(ratios)}")
+    return "<br>".join(cells)
 
 
 def _table(rows: list[ReportRow]) -> list[str]:
@@ -609,7 +615,8 @@ def write_report(
         "Fast path against reference, same inputs in the same run. Times are the median per round "
         "(throughput at that time); speed-up = reference time / fast time, above 1 means the fast path "
         "is faster. Peer code base: the same case done the way other code bases do it (the decord loader "
-        "of Frozen-in-Time / UMT / VindLU), with its time over ours (above 1: ours is faster). "
+        "of Frozen-in-Time / UMT / VindLU; torchcodec, PyTorch's decoder), each with its time over ours "
+        "(above 1: ours is faster). "
         "Achieved = the work of one call (FLOPs counted by torch.utils.flop_counter, or the "
         "bytes a perfect kernel reads and writes) / the median time; % of peak = achieved / this "
         "machine's peak for the case's limit (compute fp32 or bf16: torch.matmul; memory: a large copy), "

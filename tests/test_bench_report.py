@@ -88,6 +88,7 @@ def _synthetic(tmp_path: Path) -> Path:
             ),
             _bench("mask", "t[mask-ref]", "reference", "reference", 0.002),
             _bench("attn", "t[peer]", "peer", "theirs", 1.0, clips_per_s=8.0),
+            _bench("attn", "t[peer2]", "peer", "another", 0.5, clips_per_s=16.0),
         ],
         skipped=[{"fullname": "benchmarks/test_x.py::t[mask-triton]", "reason": "needs CUDA here"}],
         failed=[{"fullname": "benchmarks/test_x.py::t[boom]", "reason": "call: RuntimeError: boom"}],
@@ -109,8 +110,9 @@ def test_pairs_fast_with_reference_and_computes_speedups(tmp_path: Path) -> None
     assert rows[("attn", "sdpa")]["fast"] == "500.00 ms, 16 clips/s"
     assert rows[("attn", "sdpa")]["peak memory ref / fast"] == "2.00 / 1.00 GiB"
     peer = bench.PEER_HEADER
-    assert rows[("attn", "sdpa")][peer] == "theirs: 1.00 s, 8 clips/s; 0.50x / 2.00x"  # peer / ours
-    assert rows[("attn", "xformers")][peer] == "theirs: 1.00 s, 8 clips/s; 0.50x / 4.00x"
+    another = "another: 500.00 ms, 16 clips/s; 0.25x"  # every peer of the case, by name
+    assert rows[("attn", "sdpa")][peer] == f"{another} / 1.00x<br>theirs: 1.00 s, 8 clips/s; 0.50x / 2.00x"
+    assert rows[("attn", "xformers")][peer] == f"{another} / 2.00x<br>theirs: 1.00 s, 8 clips/s; 0.50x / 4.00x"
     assert rows[("drop B=8", "triton")][peer] == "–"
     assert rows[("attn", "xformers")]["peak memory ref / fast"] == "2.00 / – GiB"
     assert rows[("drop B=8", "triton")]["fast"] == "12.50 ms, 85 GB/s (85% of copy)"
