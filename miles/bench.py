@@ -35,6 +35,7 @@ SUITES = {
     "attention": "test_attention.py",
     "data": "test_data_loading.py",
     "train_step": "test_train_step.py",
+    "whole_run": "test_whole_run.py",
 }
 REPORT_NAME = "REPORT.md"
 STATIC_KERNELS_NAME = "kernels_static.json"  # `python -m miles_kernels.aot --table`: no GPU needed
