@@ -334,6 +334,19 @@ def _check_file(path: Path) -> None:
         raise VideoDecodeError(f"{path} is empty (0 bytes)")
 
 
+def _ffmpeg_logging_off_the_gil() -> None:
+    """FFmpeg's own log callback, not PyAV's Python one, while we decode with frame threads.
+
+    PyAV's callback (installed by any ``av.logging.set_level(level)``, as ``import torchvision.io`` does
+    in torchvision 0.25) takes the GIL in FFmpeg's decoding threads. Closing a decoder joins those threads
+    while holding the GIL, so a frame thread that logs at that moment (H.264 does when a clip is left
+    mid-stream) waits forever: measured, the first of 400 demo clips hung with torch 2.10 +
+    torchvision 0.25. FFmpeg's callback writes to stderr without Python, as PyAV does by default.
+    """
+    if av.logging.get_level() is not None:
+        av.logging.set_level(None)
+
+
 def _decode_video(
     path: Path,
     num: int,
@@ -345,6 +358,7 @@ def _decode_video(
     """The ``num`` frames of :func:`sample_frame_indices` as RGB arrays (one per distinct frame, repeats
     share it), handed to ``convert`` while the file is open, so any failure names the file."""
     _check_file(path)
+    _ffmpeg_logging_off_the_gil()
     try:
         with av.open(str(path), mode="r") as container:
             if not container.streams.video:

@@ -764,3 +764,36 @@ def test_test_clips_are_evenly_spaced_within_every_segment() -> None:
         assert sample_frame_indices(total, 4, train=False, test_clip=(0, 1)) == want
     with pytest.raises(ValueError, match="test clip 2 of 2"):
         sample_frame_indices(16, 4, train=False, test_clip=(2, 2))
+
+
+_DECODE_WITH_PYAV_LOGGING = """
+import sys, faulthandler
+from pathlib import Path
+import av.logging
+import numpy as np
+from data_dali.reference_loader import load_clip
+
+av.logging.set_level(av.logging.ERROR)  # what `import torchvision.io` does in torchvision 0.25
+faulthandler.dump_traceback_later(60, exit=True)
+clips = sorted(Path(sys.argv[1]).rglob("*.mp4"))
+for i in range(200):
+    load_clip(clips[i % len(clips)], num_frames=4, size=48, train=True, rng=np.random.default_rng(i))
+print("decoded", av.logging.get_level())
+"""
+
+
+def test_decoding_does_not_deadlock_when_pyav_logging_is_on(demo_dir: Path) -> None:
+    """With PyAV's Python log callback installed, a frame thread that logs while the decoder is closed
+    waits for the GIL its closer holds: the first demo clips hung forever before the fix. The loader
+    hands logging back to FFmpeg's own callback and decodes all 200 clips."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _DECODE_WITH_PYAV_LOGGING, str(demo_dir.parent)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "decoded None"
