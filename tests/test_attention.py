@@ -40,7 +40,7 @@ def _device_for(backend: str) -> torch.device:
     if not torch.cuda.is_available():
         pytest.skip("xformers has no CPU kernels (no CUDA device here)")
     if importlib.util.find_spec("xformers") is None:
-        pytest.skip("xformers is not installed (see the README: make install-xformers)")
+        pytest.skip("xformers is not installed (README, xformers: make install XFORMERS=1)")
     device = torch.device("cuda", torch.cuda.current_device())
     ok, why = attention.probe_xformers(device)
     if not ok:
