@@ -39,6 +39,39 @@ def import_interpreted(name: str) -> ModuleType:
             os.environ["TRITON_INTERPRET"] = previous
 
 
+def interpreter_loop_bound_problem() -> str | None:
+    """Why this Triton's interpreter cannot run a loop over a runtime bound (``range(0, n, BLOCK)`` with
+    ``n`` a kernel argument), or None. Triton 3.6's interpreter turns ``n`` into a one-element array and
+    calls ``int()`` on it, which NumPy 2 refuses; compiled kernels are unaffected."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def _sum_blocks(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+            acc = tl.full((BLOCK,), 0.0, tl.float32)
+            for start in range(0, n, BLOCK):
+                j = start + tl.arange(0, BLOCK)
+                acc += tl.load(x_ptr + j, mask=j < n, other=0.0)
+            tl.store(out_ptr + tl.arange(0, BLOCK), acc)
+
+        out = torch.zeros(8)
+        try:
+            _sum_blocks[(1,)](torch.arange(20, dtype=torch.float32), out, 20, BLOCK=8)
+        except Exception as exc:
+            return f"Triton {triton.__version__}'s interpreter cannot loop over a runtime bound: {exc}"
+        if out.sum().item() != 190.0:
+            return f"Triton {triton.__version__}'s interpreter sums a runtime-bound loop wrongly"
+        return None
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected| (in fp32); a NaN or inf in `actual` counts as inf."""
     assert actual.shape == expected.shape and actual.dtype == expected.dtype

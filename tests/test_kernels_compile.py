@@ -86,8 +86,26 @@ def test_bulk_traffic_moves_in_the_widest_vectors_the_rows_allow(builds: list[di
     assert 128 in widths and 64 in widths  # both kinds of rows are covered
 
 
+def _locked_triton() -> str:
+    """The Triton version of requirements.lock: the compiler the committed record was written with."""
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        if line.startswith("triton=="):
+            return line.partition("==")[2].strip()
+    raise AssertionError("requirements.lock pins no triton")
+
+
 def test_registers_and_spills_match_the_committed_record(builds: list[dict]) -> None:
-    """A change that adds registers shows in the diff of benchmarks/results/kernel_resources.json."""
+    """A change that adds registers shows in the diff of benchmarks/results/kernel_resources.json.
+
+    Register counts are the compiler's choice: the record holds those of the locked Triton. Another
+    Triton (the xformers profile's 3.6, a GPU image's) is held to the other tests here instead: every
+    kernel compiles, nothing spills, bulk traffic uses the widest vectors."""
+    import triton
+
+    if triton.__version__ != _locked_triton():
+        pytest.skip(
+            f"the record is of Triton {_locked_triton()} (requirements.lock); this is {triton.__version__}"
+        )
     current = builds[0]["record"]
     committed = json.loads(RECORD.read_text())
     changed = sorted(f"{k}: {committed.get(k)} -> {v}" for k, v in current.items() if committed.get(k) != v)

@@ -6,7 +6,14 @@ import importlib
 
 import pytest
 import torch
-from kernel_checks import import_interpreted
+from kernel_checks import import_interpreted, interpreter_loop_bound_problem
+
+# The rank kernel loops over the token count, a runtime argument. Where the interpreter itself cannot run
+# such a loop (Triton 3.6 with NumPy 2, the xformers profile's pair), these CPU tests cannot run at all;
+# the compiled kernel is checked by tests/test_kernels_compile.py and, on a GPU, tests/test_kernels_cuda.py.
+_problem = interpreter_loop_bound_problem()
+if _problem:
+    pytest.skip(_problem, allow_module_level=True)
 
 ref = importlib.import_module("miles_kernels.tube_mask")  # the reference module, not ops.tube_mask
 tmt = import_interpreted("miles_kernels.tube_mask_triton")
