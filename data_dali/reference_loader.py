@@ -23,8 +23,8 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
+from data_dali.lifetime import die_with_parent, ignore_stop_signals
 from data_dali.manifest import ManifestEntry, is_image
-from miles.stop import die_with_parent, ignore_stop_signals
 
 __all__ = [
     "IMAGENET_MEAN",

@@ -231,14 +231,14 @@ def _run(args: argparse.Namespace) -> int:
             path = run_convert(args.checkpoint, args.out, args.text_model, args.overrides)
             print(f"wrote {path} and {path.with_suffix('.json')}")
         elif args.command == "data":
-            from data_dali.benchmarks import write_benchmark_manifests
+            from data_dali.benchmark_sets import write_benchmark_manifests
 
             report = write_benchmark_manifests(
                 args.name, args.root, args.out_dir, split=args.split, relative=args.relative
             )
             print(report.summary())
         elif args.command == "prepare":
-            from data_dali.shards import prepare_shards
+            from data_dali.shard_writer import prepare_shards
 
             report = prepare_shards(
                 args.manifest,

@@ -15,7 +15,8 @@ import torch
 from data_dali.demo import write_demo_dataset
 from data_dali.loaders import DataSource, first_readable, open_source, resolve_data_backend
 from data_dali.manifest import DEFAULT_LABEL_COLUMN
-from data_dali.shards import is_shard_dir, prepare_shards
+from data_dali.shard_writer import prepare_shards
+from data_dali.shards import is_shard_dir
 from miles import checkpoint as ckpt
 from miles.attention import resolve_attention, set_attention_backend
 from miles.config import Config, ConfigError, best_metric_terms, check_data_files

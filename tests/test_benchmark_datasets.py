@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_dali.benchmarks import (
+from data_dali.benchmark_sets import (
     BENCHMARKS,
     MSVD_SPLIT_SIZES,
     BenchmarkError,

@@ -44,7 +44,8 @@ from data_dali.reference_loader import (  # noqa: E402
     sample_rng,
     set_loader_epoch,
 )
-from data_dali.shards import ShardIndex, prepare_shards  # noqa: E402
+from data_dali.shard_writer import prepare_shards  # noqa: E402
+from data_dali.shards import ShardIndex  # noqa: E402
 
 FPS = 12
 # Resize tolerance, in 0..255 pixel units, of DALI's ROI resize (float, antialiased linear) against

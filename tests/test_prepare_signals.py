@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from data_dali import shards
-from data_dali.shards import prepare_shards
+from data_dali import shard_writer as shards
+from data_dali.shard_writer import prepare_shards
 from miles.stop import StopRequested
 
 pytestmark = [

