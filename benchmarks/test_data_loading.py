@@ -31,14 +31,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.conftest import bench_rounds, pair
+from data_dali.augment import IMAGENET_MEAN, IMAGENET_STD
 from data_dali.manifest import ManifestEntry, read_manifest
-from data_dali.reference_loader import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ShardedEpochSampler,
-    build_reference_loader,
-    set_loader_epoch,
-)
+from data_dali.reference_loader import ShardedEpochSampler, build_reference_loader, set_loader_epoch
 
 CLIPS = 16
 BATCH = 8

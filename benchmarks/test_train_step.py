@@ -10,7 +10,7 @@ Cases (benchmark groups), each timed against its own reference in the same run:
   without BF16 instructions bf16 is emulated, many times slower: the bf16 variants are skipped there;
 - `train step base: activation checkpointing`: step time and peak memory with `model.grad_checkpointing`;
 - `train step demo: torch.compile`: eager against inductor (`train.compile=true`); the first step's time
-  (compilation included) is `extra_info["first_step_s"]`. `base` is not compiled here: see the README;
+  (compilation included) is `extra_info["first_step_s"]`. `base` is not compiled here: see docs/benchmarks.md;
 - `train step demo: loader vs step`: one round is one batch of the demo preset's size, so the ratio is
   how many times faster than the step each loader delivers clips (above 1: data is not the bottleneck).
 
@@ -48,8 +48,9 @@ from benchmarks.conftest import (
 from miles.attention import DividedAttention, set_attention_backend
 from miles.config import Config, build_config
 from miles.model import MilesModel
+from miles.optim import param_groups
+from miles.precision import autocast_context, cpu_bf16_flags, resolve_precision, snapshot_dtype
 from miles.snapshot import SnapshotEncoder
-from miles.train import autocast_context, cpu_bf16_flags, param_groups, resolve_precision, snapshot_dtype
 from miles_kernels.ops import tube_mask
 
 # On these 2-core CPUs the `base` step takes seconds per clip: a small batch keeps the suite short.
@@ -331,7 +332,7 @@ LOADERS = {
 
 @pytest.mark.parametrize("backend", list(LOADERS))
 def test_loader_vs_step(benchmark, backend: str, demo_clips: dict[str, Any], device: torch.device) -> None:
-    from miles.train import BatchStream, DataPosition
+    from miles.run_position import BatchStream, DataPosition
 
     if backend == "dali":
         pytest.importorskip(

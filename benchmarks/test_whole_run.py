@@ -27,7 +27,7 @@ import torch
 from benchmarks.conftest import QUICK, pair
 from data_dali.demo import write_demo_dataset
 from data_dali.shard_writer import prepare_shards
-from miles.train import cpu_bf16_flags
+from miles.precision import cpu_bf16_flags
 
 STEPS = 10 if QUICK else 60
 BATCH = 32  # the demo preset's

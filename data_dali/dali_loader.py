@@ -58,15 +58,12 @@ from data_dali.reference_loader import (
     MAX_SUBSTITUTIONS,
     ShardedEpochSampler,
     UnreadableDataError,
-    VideoDecodeError,
     VideoTextCollator,
-    _check_file,
-    _frame_count,
-    decode_frames,
     sample_rng,
     unreadable_data_message,
 )
 from data_dali.shards import ShardError, ShardIndex
+from data_dali.video_decode import VideoDecodeError, _check_file, _frame_count, decode_frames
 
 __all__ = [
     "DaliLoader",

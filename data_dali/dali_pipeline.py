@@ -19,12 +19,8 @@ import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import DataNode, Pipeline
 
-from data_dali.reference_loader import (
-    _MEAN_255,
-    _STD_255,
-    _random_resized_crop_params,
-    sample_frame_indices,
-)
+from data_dali.augment import _MEAN_255, _STD_255, _random_resized_crop_params
+from data_dali.video_decode import sample_frame_indices
 
 __all__ = [
     "ClipPlan",

@@ -127,7 +127,7 @@ def first_readable(source: DataSource, num_frames: int) -> tuple[int | None, lis
 
     Stops at the first success, so on healthy data it costs one clip.
     """
-    from data_dali.reference_loader import VideoDecodeError, decode_frames
+    from data_dali.video_decode import VideoDecodeError, decode_frames
 
     errors: list[str] = []
     if isinstance(source, ShardIndex):

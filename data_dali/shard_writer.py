@@ -33,14 +33,6 @@ from tqdm import tqdm
 
 from data_dali.lifetime import STOP_SIGNALS, GracefulStop, StopRequested, die_with_parent
 from data_dali.manifest import DEFAULT_LABEL_COLUMN, ManifestEntry, is_image, read_manifest
-from data_dali.reference_loader import (
-    _COUNT_TOLERANCE,
-    VideoDecodeError,
-    _check_file,
-    _frame_count,
-    decode_threads,
-    frame_to_rgb,
-)
 from data_dali.shards import (
     FORMAT_VERSION,
     INDEX_NAME,
@@ -50,6 +42,14 @@ from data_dali.shards import (
     ShardError,
     _read_jsonl_prefix,
     file_sha256,
+)
+from data_dali.video_decode import (
+    _COUNT_TOLERANCE,
+    VideoDecodeError,
+    _check_file,
+    _frame_count,
+    decode_threads,
+    frame_to_rgb,
 )
 
 __all__ = [

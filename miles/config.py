@@ -347,7 +347,7 @@ RANGES: dict[str, str] = {
     "eval.dsl_temperature": "(0, inf)",
 }
 
-PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 on CUDA, fp32 on a CPU (miles.train.resolve_precision)
+PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 on CUDA, fp32 on a CPU (miles.precision.resolve_precision)
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.backend": DATA_BACKENDS,
     "data.demo_kind": DEMO_KINDS,

@@ -30,7 +30,8 @@ from miles.released import (
     read_checkpoint_file,
     save_safetensors,
 )
-from miles.train import Trainer, metric_groups, peak_memory_mb, seed_everything, truncate_log, write_config
+from miles.run_position import seed_everything
+from miles.train import Trainer, metric_groups, peak_memory_mb, truncate_log, write_config
 
 log = logging.getLogger("miles")
 

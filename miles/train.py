@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import random
 import resource
 import signal
 import time
@@ -30,12 +29,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data_dali.loaders import DataSource, build_loader, data_fingerprint, decode_counts, sum_counts
-from data_dali.reference_loader import set_loader_epoch
 from miles import checkpoint as ckpt
 from miles.checkpoint import CheckpointError
 from miles.config import (
     BEST_METRICS,
-    PRECISIONS,
     Config,
     ConfigError,
     best_metric_terms,
@@ -43,6 +40,9 @@ from miles.config import (
 )
 from miles.distributed import DistInfo, all_gather_objects, all_reduce_mean, broadcast_from_main
 from miles.model import MilesModel
+from miles.optim import lr_factor, param_groups
+from miles.precision import autocast_context, snapshot_dtype, warn_slow_bf16
+from miles.run_position import BatchStream, DataPosition, rng_state, seed_everything, set_rng_state
 from miles.snapshot import SnapshotEncoder
 from miles.stop import GracefulStop, NonFiniteError, StopRequested
 from miles.targets import ENCODER_TARGETS, input_targets
@@ -55,114 +55,6 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 instructions that run bf16 matmuls natively
-
-
-def cpu_bf16_flags(cpuinfo: str | None = None) -> list[str]:
-    """The BF16 instruction flags this CPU reports (`/proc/cpuinfo`, or the text given).
-
-    Without one, oneDNN emulates bf16 matmuls and CPU autocast is several times slower than fp32 (on a
-    2-core Zen 3, a 512x768x3072 linear: 5x). Where /proc/cpuinfo cannot be read, torch's own probe."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            probes = {"avx512_bf16": "_is_avx512_bf16_supported", "amx_bf16": "_is_amx_tile_supported"}
-            return [flag for flag, probe in probes.items() if getattr(torch.cpu, probe, lambda: False)()]
-    flags: set[str] = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[-1].split())
-    return [flag for flag in BF16_CPU_FLAGS if flag in flags]
-
-
-def resolve_precision(device: torch.device, precision: str) -> str:
-    """`fp32` or `bf16` for `train.precision`: auto is bf16 on CUDA and fp32 on a CPU, also one with BF16
-    instructions (README, "Precision": no CPU speed-up was measured here, so auto does not bet on one)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"train.precision must be auto, fp32 or bf16, got {precision!r}")
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
-
-
-def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if resolve_precision(device, precision) == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def snapshot_dtype(device: torch.device, train_precision: str, snapshot_precision: str) -> torch.dtype:
-    """The compute dtype of the snapshot's no-grad forward (`mvm.snapshot_precision`; auto: the step's)."""
-    if snapshot_precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"mvm.snapshot_precision must be auto, fp32 or bf16, got {snapshot_precision!r}")
-    chosen = snapshot_precision
-    if chosen == "auto":
-        chosen = resolve_precision(device, train_precision)
-    return torch.bfloat16 if chosen == "bf16" else torch.float32
-
-
-def warn_slow_bf16(device: torch.device, precision: str, snapshot_precision: str = "auto") -> None:
-    """bf16 asked for on a CPU that would emulate it: say so once, with the fix, rather than run slowly."""
-    asked = [
-        f"{key}=bf16"
-        for key, value in (("train.precision", precision), ("mvm.snapshot_precision", snapshot_precision))
-        if value == "bf16"
-    ]
-    if device.type == "cpu" and asked and not cpu_bf16_flags():
-        log.warning(
-            "%s on a CPU without BF16 instructions (no %s in /proc/cpuinfo): bf16 matmuls are emulated, "
-            "several times slower than fp32; set them to fp32 (or auto) on this machine",
-            " and ".join(asked),
-            " / ".join(BF16_CPU_FLAGS),
-        )
-
-
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warm-up to 1, then cosine decay to `min_ratio` at `total` steps."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def param_groups(model: MilesModel, cfg: Config) -> list[dict[str, Any]]:
-    """Text tower at its own (lower) rate; no weight decay on norms, biases and embeddings."""
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        is_text = name.startswith("text_model.")
-        no_decay = param.ndim <= 1 or name.endswith(
-            ("cls_token", "pos_embed", "temporal_embed", "mask_token")
-        )
-        groups.setdefault((is_text, no_decay), []).append(param)
-    out = []
-    for (is_text, no_decay), params in sorted(groups.items()):
-        lr = cfg.train.text_lr if is_text else cfg.train.lr
-        out.append(
-            {
-                "params": params,
-                "lr": lr,
-                "base_lr": lr,
-                "weight_decay": 0.0 if no_decay else cfg.train.weight_decay,
-            }
-        )
-    return out
-
-
-@dataclass
-class DataPosition:
-    epoch: int = 0
-    batches: int = 0  # batches of this epoch already consumed
 
 
 @dataclass
@@ -202,62 +94,6 @@ def metric_value(result: dict[str, Any], names: list[str]) -> float:
             raise ConfigError(f"config key 'train.best_metric': the evaluation has no {name} ({why})")
         total += float(node)
     return total
-
-
-class BatchStream:
-    """Endless batches over epochs from a loader whose sampler supports `set_start_batch` for resume."""
-
-    def __init__(self, loader: torch.utils.data.DataLoader, position: DataPosition) -> None:
-        self.loader = loader
-        self.position = position
-        self._iter: Iterator | None = None
-
-    def _start_epoch(self) -> None:
-        set_loader_epoch(self.loader, self.position.epoch, start_batch=self.position.batches)
-        rng = torch.get_rng_state()  # DataLoader draws its worker seed from the global RNG: keep it out
-        self._iter = iter(self.loader)
-        torch.set_rng_state(rng)
-
-    def next(self) -> dict[str, Any]:
-        while True:
-            if self._iter is None:
-                self._start_epoch()
-            try:
-                batch = next(self._iter)  # type: ignore[arg-type]
-            except StopIteration:
-                if self.position.batches == 0:
-                    raise RuntimeError(
-                        "an epoch of the training loader yielded no batch: the manifest has fewer clips "
-                        "per process than train.batch_size"
-                    ) from None
-                self._iter = None
-                self.position.epoch += 1
-                self.position.batches = 0
-                continue
-            self.position.batches += 1
-            return batch
-
-
-def _rng_state() -> dict[str, Any]:
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        # numpy's key array as a tensor: checkpoints then load with weights_only=True and no numpy types
-        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, np.asarray(keys).astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # Keys that decide which clips, masks and batches follow a checkpoint: a resume must not change them.
@@ -333,7 +169,7 @@ class Trainer:
         if dist.world_size > 1:
             # No static_graph: on torch 2.14.1 it gives this step wrong gradients (norm 2.8x the
             # single-process one at step 1, measured with two gloo ranks), and under no_sync() it fails
-            # in the reducer (pytorch/pytorch#187732). README, "Many GPUs".
+            # in the reducer (pytorch/pytorch#187732). docs/scaling.md.
             self.ddp = DistributedDataParallel(
                 self.model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -388,7 +224,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "data_position": {"epoch": self.state.position.epoch, "batches": self.state.position.batches},
             "skipped_videos": sorted(self.state.skipped),
-            "rng": all_gather_objects(_rng_state()),  # one entry per rank
+            "rng": all_gather_objects(rng_state()),  # one entry per rank
             "world_size": self.dist.world_size,
             "data_fingerprint": self.data_fingerprint,
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
@@ -485,7 +321,7 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
             self.state.step = int(state["step"])
             self.state.position = DataPosition(**state["data_position"])
-            _set_rng_state(state["rng"][self.dist.rank])
+            set_rng_state(state["rng"][self.dist.rank])
         except (KeyError, ValueError, TypeError, IndexError) as err:
             raise CheckpointError(
                 f"checkpoint {path}: its optimizer / scheduler / data position / RNG entries do not fit "

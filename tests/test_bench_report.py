@@ -312,7 +312,7 @@ def test_test_results_and_notes_are_reported(tmp_path: Path) -> None:
 
 
 def test_committed_train_step_results(tmp_path: Path) -> None:
-    """The committed CPU train-step JSON (what the README's table came from) pairs into the report: each
+    """The committed CPU train-step JSON (docs/benchmarks.md's table) pairs into the report: each
     one-variant case's speed-up is its reference median over its fast median."""
     source = REPO / "benchmarks" / "results" / "train_step.json"
     data = json.loads(source.read_text())

@@ -20,6 +20,7 @@ from PIL import Image
 
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
 
+from data_dali.augment import IMAGENET_MEAN, IMAGENET_STD, augment_clip
 from data_dali.dali_loader import (  # noqa: E402
     DaliUnsupportedError,
     build_dali_loader,
@@ -35,17 +36,10 @@ from data_dali.dali_pipeline import (  # noqa: E402
     plan_clip,
 )
 from data_dali.manifest import ManifestEntry  # noqa: E402
-from data_dali.reference_loader import (  # noqa: E402
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    augment_clip,
-    build_reference_loader,
-    sample_frame_indices,
-    sample_rng,
-    set_loader_epoch,
-)
+from data_dali.reference_loader import build_reference_loader, sample_rng, set_loader_epoch
 from data_dali.shard_writer import prepare_shards  # noqa: E402
 from data_dali.shards import ShardIndex  # noqa: E402
+from data_dali.video_decode import sample_frame_indices
 
 FPS = 12
 # Resize tolerance, in 0..255 pixel units, of DALI's ROI resize (float, antialiased linear) against
@@ -572,7 +566,7 @@ def test_loader_images_tiled_like_reference(
 
 def test_trainer_batch_stream_resumes(dataset: tuple[Path, list[ManifestEntry]], tokenizer: Any) -> None:
     """The trainer's BatchStream drives the DALI loader over epochs and resumes mid-epoch exactly."""
-    from miles.train import BatchStream, DataPosition
+    from miles.run_position import BatchStream, DataPosition
 
     _, entries = dataset
     kw = _loader_kwargs(batch_size=4)
@@ -726,7 +720,7 @@ def test_probe_cache_keeps_messages_and_retries_io_errors(
     dataset: tuple[Path, list[ManifestEntry]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import data_dali.dali_loader as dl
-    from data_dali.reference_loader import VideoDecodeError
+    from data_dali.video_decode import VideoDecodeError
 
     _, entries = dataset
     missing = tmp_path / "missing.webm"

@@ -21,8 +21,9 @@ from miles.distributed import init_distributed
 from miles.finetune import finetune_config, run_finetuning
 from miles.model import MilesModel
 from miles.pretrain import run_eval, run_pretraining
+from miles.run_position import seed_everything
 from miles.stop import StopRequested
-from miles.train import Trainer, seed_everything
+from miles.train import Trainer
 
 pytestmark = pytest.mark.slow
 

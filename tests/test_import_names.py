@@ -111,3 +111,23 @@ def test_no_import_name_of_ours_is_shared_with_another_distribution() -> None:
         others = sorted(providers.get(name, set()) - {OUR_DISTRIBUTION})
         if wins:
             assert not others, f"the folder {name}/ at the checkout root shadows {others}; rename it"
+
+
+def test_imports_point_down() -> None:
+    """`miles` uses `data_dali` and `miles_kernels`; neither of them imports `miles` (nor the kernels the
+    data layer, or the reverse): the layers can be read, tested and reused from the bottom up."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    forbidden = {"data_dali": {"miles", "miles_kernels"}, "kernels": {"miles", "data_dali"}}
+    climbing = []
+    for folder, above in forbidden.items():
+        for path in sorted((root / folder).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                climbing += [f"{path.relative_to(root)}: {n}" for n in names if n.split(".")[0] in above]
+    assert not climbing, climbing

@@ -14,25 +14,22 @@ import torch
 import torch.nn.functional as nnf
 from PIL import Image
 
+import data_dali.augment as augment
 import data_dali.reference_loader as ref
+import data_dali.video_decode as vd
+from data_dali.augment import IMAGENET_MEAN, IMAGENET_STD, augment_clip
 from data_dali.demo import write_demo_dataset
 from data_dali.manifest import ManifestEntry, ManifestError, is_image, read_manifest
 from data_dali.reference_loader import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     ShardedEpochSampler,
-    VideoDecodeError,
     VideoTextCollator,
     VideoTextDataset,
-    augment_clip,
     build_reference_loader,
-    decode_frames,
-    decode_image,
     load_clip,
-    sample_frame_indices,
     sample_rng,
     set_loader_epoch,
 )
+from data_dali.video_decode import VideoDecodeError, decode_frames, decode_image, sample_frame_indices
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +245,7 @@ def test_decode_matches_sequential_decoding(
 def _count_decoding(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     stats = {"seeks": 0, "decoded": 0}
     real_open = av.open
-    monkeypatch.setattr(ref.av, "open", lambda *a, **k: _CountingContainer(real_open(*a, **k), stats))
+    monkeypatch.setattr(vd.av, "open", lambda *a, **k: _CountingContainer(real_open(*a, **k), stats))
     return stats
 
 
@@ -299,13 +296,13 @@ def test_decode_is_exact_with_any_thread_count(
 
 def test_decode_threads_share_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert ref.decode_threads(cores=2, workers=2) == 2  # never fewer than 2 (see decode_threads)
-    assert ref.decode_threads(cores=2, workers=2, minimum=1) == 1  # miles prepare: workers fill the cores
-    assert ref.decode_threads(cores=6, workers=2) == 3
-    assert ref.decode_threads(cores=64, workers=2) == ref.DECODE_MAX_THREADS == 4
-    assert ref.decode_threads(cores=3) == 3  # no loader workers: the main process decodes
+    assert vd.decode_threads(cores=2, workers=2) == 2  # never fewer than 2 (see decode_threads)
+    assert vd.decode_threads(cores=2, workers=2, minimum=1) == 1  # miles prepare: workers fill the cores
+    assert vd.decode_threads(cores=6, workers=2) == 3
+    assert vd.decode_threads(cores=64, workers=2) == vd.DECODE_MAX_THREADS == 4
+    assert vd.decode_threads(cores=3) == 3  # no loader workers: the main process decodes
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four torchrun ranks on this machine
-    assert ref.decode_threads(cores=12) == 3
+    assert vd.decode_threads(cores=12) == 3
 
 
 def test_decode_demo_clip_every_frame(demo_dir: Path) -> None:
@@ -477,7 +474,7 @@ def test_load_clip_matches_decode_then_augment(bikes: Path, train: bool) -> None
         if train:  # replay the draws: frame indices, crop box, then the flip
             draws = sample_rng(seed, 1, 0)
             sample_frame_indices(250, 4, True, draws)
-            ref._random_resized_crop_params(272, 640, draws, (0.5, 1.0), (3 / 4, 4 / 3))
+            augment._random_resized_crop_params(272, 640, draws, (0.5, 1.0), (3 / 4, 4 / 3))
             flips.add(bool(draws.random() < 0.5))
     if train:
         assert flips == {True, False}  # both branches compared
@@ -552,7 +549,7 @@ def _all_bad_manifest(tmp_path: Path, n: int = 25) -> list[ManifestEntry]:
 
 def _unreadable_error(loader, through_batch_stream: bool = False) -> str:  # noqa: ANN001
     if through_batch_stream:
-        from miles.train import BatchStream, DataPosition
+        from miles.run_position import BatchStream, DataPosition
 
         with pytest.raises(ref.UnreadableDataError) as e:
             BatchStream(loader, DataPosition()).next()
@@ -751,7 +748,7 @@ def test_eval_loader_keeps_order_and_every_row(demo_dir: Path, tokenizer) -> Non
 
 
 def test_test_clips_are_evenly_spaced_within_every_segment() -> None:
-    from data_dali.reference_loader import sample_frame_indices
+    from data_dali.video_decode import sample_frame_indices
 
     assert sample_frame_indices(16, 4, train=False) == [1, 5, 9, 13]  # one clip: the middle frames
     assert sample_frame_indices(16, 4, train=False, test_clip=(0, 2)) == [0, 4, 8, 12]

@@ -477,7 +477,7 @@ def _msrvtt_download(root: Path, clips: Path) -> Path:
 
 @pytest.mark.slow
 def test_the_first_hour_msrvtt_eval_and_finetune_from_miles_pth(released: dict, tmp_path: Path) -> None:
-    """The README's first hour on the MILES.pth fixture: `miles data msrvtt`, `miles eval ...
+    """docs/released-models.md's first hour on MILES.pth: `miles data msrvtt`, `miles eval ...
     eval.protocol=released` (the same numbers as the same weights loaded by hand), and `miles finetune
     --init MILES.pth`, stopped by a signal and resumed to the uninterrupted run's losses."""
     from miles.finetune import finetune_config, run_finetuning

@@ -12,8 +12,8 @@ from runs import as_killed_after, data_overrides, logged_losses, run_miles
 from miles import checkpoint as ckpt
 from miles.config import ConfigError, build_config
 from miles.model import MilesModel
+from miles.precision import cpu_bf16_flags, resolve_precision, snapshot_dtype
 from miles.snapshot import SnapshotEncoder
-from miles.train import cpu_bf16_flags, resolve_precision, snapshot_dtype
 from miles_kernels import ops
 
 
