@@ -20,8 +20,9 @@ runs (counted on the warm-up step by `count_flops`, the video attention through 
 since the counter sees nothing inside CPU SDPA; checkpointing's recomputation included), and
 `compute_dtype` of the online encoder, with `snapshot_compute_dtype` beside it.
 
-`python -m benchmarks.test_train_step [demo|base] [--cpu-time]` prints where the time of one fast-path
-step goes (`--cpu-time`: one thread, CPU seconds, for a machine that other jobs share).
+`python -m benchmarks.test_train_step [demo|base] [KEY=VALUE ...] [--cpu-time]` prints where the time of
+one fast-path step goes, with config overrides applied last (`train.precision=bf16`, `mvm.mode=bert`;
+`--cpu-time`: one thread, CPU seconds, for a machine that other jobs share).
 """
 
 from __future__ import annotations
@@ -363,7 +364,10 @@ def test_loader_vs_step(benchmark, backend: str, demo_clips: dict[str, Any], dev
 
 # ----------------------------------------------------------------------------- where the time goes
 def where_the_time_goes(
-    preset: str = "base", repeats: int = 2, timer: Callable[[], float] = time.perf_counter
+    preset: str = "base",
+    repeats: int = 2,
+    timer: Callable[[], float] = time.perf_counter,
+    overrides: list[str] | None = None,
 ) -> dict[str, float]:
     """Seconds per fast-path step by part, each part timed on its own on the step's inputs (best of
     `repeats` rounds, the parts taken in turn so that a changing machine load hits all alike):
@@ -372,7 +376,7 @@ def where_the_time_goes(
     the EMA update, and the whole step for comparison with their sum. On a shared machine pass
     `timer=time.process_time` with one torch thread: CPU seconds, which other jobs do not inflate."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    step = Step(preset, [], device)
+    step = Step(preset, overrides or [], device)
     model, cfg = step.model, step.cfg
     step()  # warm-up (and AdamW's state)
     mask, visible = step.mask()
@@ -421,5 +425,7 @@ if __name__ == "__main__":
     if "--cpu-time" in sys.argv:  # a shared machine: one thread, CPU seconds
         torch.set_num_threads(1)
     clock = time.process_time if "--cpu-time" in sys.argv else time.perf_counter
-    for part, secs in where_the_time_goes(args[0] if args else "base", timer=clock).items():
+    preset = args[0] if args and "=" not in args[0] else "base"
+    overrides = [a for a in args if "=" in a]  # e.g. train.precision=bf16 mvm.mode=bert
+    for part, secs in where_the_time_goes(preset, timer=clock, overrides=overrides).items():
         print(f"{secs:8.3f} s  {part}")

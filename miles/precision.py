@@ -40,7 +40,11 @@ def cpu_bf16_flags(cpuinfo: str | None = None) -> list[str]:
 
 def resolve_precision(device: torch.device, precision: str) -> str:
     """`fp32` or `bf16` for `train.precision`: auto is bf16 on CUDA and fp32 on a CPU, also one with BF16
-    instructions (README, "Precision": no CPU speed-up was measured here, so auto does not bet on one)."""
+    instructions. Whole runs decided it, not the step alone: the demo run (frame shards, DALI, `bert`
+    mode, MiniLM) took 356 s in bf16 against 272 s in fp32 on a Sapphire Rapids CPU with AMX (and 351
+    against 324 s on a Zen 4 with AVX-512 BF16), at the same retrieval, although a bare `drop` step is
+    1.4x faster in bf16 there. No configuration has shown a whole-run gain on a CPU (docs/benchmarks.md,
+    "Precision on a CPU"), so none gets bf16 by default; `train.precision=bf16` is one key away."""
     if precision not in PRECISIONS:
         raise ValueError(f"train.precision must be auto, fp32 or bf16, got {precision!r}")
     if precision == "auto":
