@@ -76,7 +76,7 @@ lock-xformers:
 	printf '%s\n' $(XFORMERS_PINS) > $(LOCK_VENV)/pins.txt
 	$(LOCK_VENV)/bin/python -m pip install --quiet -c $(LOCK_VENV)/base.txt pip setuptools
 	$(LOCK_VENV)/bin/python -m pip install --quiet --no-build-isolation -c $(LOCK_VENV)/base.txt \
-	    -c $(LOCK_VENV)/pins.txt -e '.[dev]'
+	    -c $(LOCK_VENV)/pins.txt -e '.[dev,bench]'
 	cp requirements-xformers.lock $(LOCK_VENV)/previous.lock 2>/dev/null || true
 	{ echo "# The xformers profile (make ... XFORMERS=1): requirements.lock with the torch that xformers' wheel"; \
 	  echo "# was built for. Written by 'make lock-xformers' on $$(date -u +%F), after the whole suite passed"; \

@@ -287,7 +287,7 @@ def test_one_keyframe_stream_is_decoded_forward_once(tmp_path: Path, monkeypatch
 def test_decode_is_exact_with_any_thread_count(
     bikes: Path, bikes_frames: np.ndarray, monkeypatch: pytest.MonkeyPatch, threads: int
 ) -> None:
-    monkeypatch.setattr(ref, "decode_threads", lambda *a, **k: threads)
+    monkeypatch.setattr(vd, "decode_threads", lambda *a, **k: threads)
     for seed in range(2):
         indices = sample_frame_indices(len(bikes_frames), 16, True, np.random.default_rng(seed))
         out = decode_frames(bikes, 16, True, np.random.default_rng(seed))
@@ -390,11 +390,11 @@ def test_header_overcount_tolerated_only_slightly(tmp_path: Path, monkeypatch: p
     errors = np.abs(exact.numpy()[:, None].astype(int) - pixels[None].astype(int)).mean(axis=(2, 3, 4))
     assert (errors.argmin(axis=1) == np.arange(24)).all()  # decoded frame t is source frame t
 
-    monkeypatch.setattr(ref, "_frame_count", lambda container, stream: 25)
+    monkeypatch.setattr(vd, "_frame_count", lambda container, stream: 25)
     out = decode_frames(path, 25, False, None)
     assert np.array_equal(out[:24], exact) and np.array_equal(out[24], exact[23])
 
-    monkeypatch.setattr(ref, "_frame_count", lambda container, stream: 40)
+    monkeypatch.setattr(vd, "_frame_count", lambda container, stream: 40)
     with pytest.raises(VideoDecodeError, match="fewer decodable frames") as e:
         decode_frames(path, 40, False, None)
     assert str(path) in str(e.value)
