@@ -40,7 +40,7 @@ def test_xformers_profile_pairs_the_wheel_with_the_torch_it_was_built_for() -> N
     built = json.loads((Path(next(iter(spec.submodule_search_locations))) / "cpp_lib.json").read_text())
     built_torch, built_cuda = built["version"]["torch"], int(built["version"]["cuda"])  # "2.10.0+cu128", 1208
     assert profile["torch"] == built_torch.partition("+")[0]
-    cuda = f"{built_cuda // 100}.{built_cuda % 100 // 10}"  # 1208 -> "12.8"
+    cuda = f"{built_cuda // 100}.{built_cuda % 100}"  # 1208 -> "12.8"
     assert profile["nvidia-cuda-runtime-cu12"].startswith(cuda + "."), "the torch wheel's CUDA is the build's"
     # The default lock's torch is not the one xformers was built for: that is why the profile exists.
     assert default["torch"].rsplit(".", 1)[0] != profile["torch"].rsplit(".", 1)[0]
