@@ -8,18 +8,32 @@ so that other test modules keep their own defaults.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+from collections.abc import Iterator
 from types import ModuleType
 
 import torch
 
 
-def import_interpreted(name: str) -> ModuleType:
-    """The kernel module `name` (it defines INTERPRETED) with its kernels wrapped for the interpreter."""
+@contextlib.contextmanager
+def _interpreting() -> Iterator[None]:
+    """TRITON_INTERPRET=1 while kernels are decorated inside the block, the previous value after it."""
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+def import_interpreted(name: str) -> ModuleType:
+    """The kernel module `name` (it defines INTERPRETED) with its kernels wrapped for the interpreter."""
+    with _interpreting():
         try:
             import triton  # noqa: F401
         except Exception as exc:  # pragma: no cover - depends on the environment
@@ -32,20 +46,13 @@ def import_interpreted(name: str) -> ModuleType:
         if not module.INTERPRETED:
             module = importlib.reload(module)
         return module
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
 
 
 def interpreter_loop_bound_problem() -> str | None:
     """Why this Triton's interpreter cannot run a loop over a runtime bound (``range(0, n, BLOCK)`` with
     ``n`` a kernel argument), or None. Triton 3.6's interpreter turns ``n`` into a one-element array and
     calls ``int()`` on it, which NumPy 2 refuses; compiled kernels are unaffected."""
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
+    with _interpreting():
         import triton
         import triton.language as tl
 
@@ -65,11 +72,6 @@ def interpreter_loop_bound_problem() -> str | None:
         if out.sum().item() != 190.0:
             return f"Triton {triton.__version__}'s interpreter sums a runtime-bound loop wrongly"
         return None
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
