@@ -27,7 +27,7 @@ __all__ = [
     "GENERATIONS",
     "NVDEC_CODECS",
     "VideoInfo",
-    "cpu_decoder_rejects",
+    "decoder_rejects",
     "nvdec_generation",
     "nvdec_rejects",
 ]
@@ -162,10 +162,12 @@ def nvdec_rejects(info: VideoInfo, capability: tuple[int, int]) -> str | None:
     return None
 
 
-def cpu_decoder_rejects(info: VideoInfo) -> str | None:
-    """Why DALI's CPU video decoder cannot decode the clip, or None if it can."""
+def decoder_rejects(info: VideoInfo, capability: tuple[int, int] | None) -> str | None:
+    """Why DALI's video decoder cannot decode the clip, or None if it can: the CPU decoder's codec list
+    when ``capability`` is None, else NVDEC's limits for a GPU of that CUDA compute capability."""
+    if capability is not None:
+        return nvdec_rejects(info, capability)
     if info.codec not in CPU_VIDEO_CODECS:
-        return (
-            f"DALI's CPU video decoder has no {info.codec} (it reads {', '.join(sorted(CPU_VIDEO_CODECS))})"
-        )
+        readable = ", ".join(sorted(CPU_VIDEO_CODECS))
+        return f"DALI's CPU video decoder has no {info.codec} (it reads {readable})"
     return None

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_dali.codecs import CPU_VIDEO_CODECS, VideoInfo, cpu_decoder_rejects, nvdec_rejects
+from data_dali.codecs import CPU_VIDEO_CODECS, VideoInfo, decoder_rejects
 from data_dali.dali_pipeline import (
     build_frames_pipeline,
     build_shard_pipeline,
@@ -148,6 +148,11 @@ def probe_video(path: Path) -> VideoInfo:
         raise _BadClip(f"cannot open {path} as a video: {e}") from e
 
 
+def _capability(device_id: int | None) -> tuple[int, int] | None:
+    """The CUDA compute capability that picks NVDEC's limits; None (the CPU decoder) without a GPU."""
+    return None if device_id is None else torch.cuda.get_device_capability(device_id)
+
+
 def resolve_device_id(device: str | torch.device | None) -> int | None:
     """DALI's ``device_id``: the CUDA index for a CUDA device, None (CPU pipelines) otherwise.
 
@@ -218,6 +223,7 @@ class _Clips:
         self.hflip = hflip
         self.device_id = device_id
         self.epoch = 0
+        self.screened: dict[Path, str] = {}  # files the decoder's limits rule out, and why (raw videos)
 
     def set_epoch(self, epoch: int) -> None:
         """Frames, crops and flips change per epoch (the trainer calls this through set_loader_epoch)."""
@@ -265,11 +271,7 @@ class RawVideoClips(_Clips):
         # Good probes keep their header; permanent failures keep only their message (no exception object
         # and traceback per bad file); transient I/O errors are not kept, so the file is tried again.
         self._probes: dict[Path, VideoInfo | str] = {}
-        # The GPU's compute capability picks NVDEC's limits; None screens against the CPU decoder.
-        self.capability = (
-            tuple(torch.cuda.get_device_capability(self.device_id)) if self.device_id is not None else None
-        )
-        self.screened: dict[Path, str] = {}  # files the decoder's limits rule out, and why
+        self.capability = _capability(self.device_id)
         if self.device_id is None:
             # Fail before training starts when the first files already show the CPU cannot decode them
             # (DALI was asked for on data it cannot decode); a later clip of such a codec is decoded by
@@ -278,17 +280,11 @@ class RawVideoClips(_Clips):
                 if is_image(self.entries[j].video):
                     continue
                 try:
-                    codec = self.probe(j).codec
+                    info = self.probe(j)
                 except VideoDecodeError:
                     continue
-                if codec not in CPU_VIDEO_CODECS:
-                    raise DaliUnsupportedError(_unsupported_message(self.entries[j].video, codec))
-
-    def decoder_rejects(self, info: VideoInfo) -> str | None:
-        """Why this device's DALI video decoder cannot decode a clip with this header (None: it can)."""
-        if self.capability is None:
-            return cpu_decoder_rejects(info)
-        return nvdec_rejects(info, self.capability)  # type: ignore[arg-type]
+                if decoder_rejects(info, None):
+                    raise DaliUnsupportedError(_unsupported_message(self.entries[j].video, info.codec))
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -318,7 +314,7 @@ class RawVideoClips(_Clips):
         info = self.probe(j)
         if entry.video in self.screened:
             return None
-        reason = self.decoder_rejects(info)
+        reason = decoder_rejects(info, self.capability)
         if reason is not None:
             self.screened[entry.video] = reason
             if len(self.screened) == 1 or len(self.screened) % _FALLBACK_WARN_EVERY == 0:
@@ -642,8 +638,7 @@ class DaliLoader:
     def decode_counts(self) -> dict[str, int]:
         """Clips this loader decoded with PyAV instead of DALI: ``dali_screened`` by the decoder's limits
         before DALI saw them, ``dali_fallbacks`` rejected by DALI (each counted once, then remembered)."""
-        screened = getattr(self.dataset, "screened", {})
-        return {"dali_screened": len(screened), "dali_fallbacks": self.fallbacks}
+        return {"dali_screened": len(self.dataset.screened), "dali_fallbacks": self.fallbacks}
 
     def _first_good(
         self, i: int, skipped: list[str], epoch: int, decode: bool
@@ -814,7 +809,7 @@ def dali_support(
     picks = sorted(
         {round(k * (len(entries) - 1) / max(1, _SUPPORT_PROBES - 1)) for k in range(_SUPPORT_PROBES)}
     )
-    capability = tuple(torch.cuda.get_device_capability(device_id)) if device_id is not None else None
+    capability = _capability(device_id)
     codecs: set[str] = set()
     screened: list[tuple[Path, str]] = []
     for k in picks:
@@ -822,10 +817,10 @@ def dali_support(
             info = probe_video(entries[k].video)
         except VideoDecodeError:
             continue
-        if capability is None:
-            if info.codec not in CPU_VIDEO_CODECS:
-                return False, f"DALI not used: {_unsupported_message(entries[k].video, info.codec)}"
-        elif (reason := nvdec_rejects(info, capability)) is not None:  # type: ignore[arg-type]
+        reason = decoder_rejects(info, capability)
+        if reason is not None and capability is None:
+            return False, f"DALI not used: {_unsupported_message(entries[k].video, info.codec)}"
+        if reason is not None:
             screened.append((entries[k].video, reason))
             continue
         codecs.add(info.codec)
